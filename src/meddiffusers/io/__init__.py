@@ -1,0 +1,10 @@
+from .intensity import CT_WINDOWS, HUWindow, PercentileScaling
+from .nifti import (
+    NiftiVolume,
+    affine_from_tensor_spacing,
+    load_nifti,
+    nifti_array_to_tensor,
+    save_nifti,
+    tensor_spacing_from_affine,
+    tensor_to_nifti_array,
+)

@@ -1,0 +1,1 @@
+from .safe_unpickle import load_original_checkpoint

@@ -1,0 +1,2 @@
+from .attention_3d import VolumeAttention, VolumeAttnProcessor, VolumeXFormersAttnProcessor
+from .autoencoders import VectorQuantizer3D, VectorQuantizer3DOutput, VQModel3D, VQModel3DEncoderOutput

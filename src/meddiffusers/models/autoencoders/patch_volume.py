@@ -1,0 +1,147 @@
+"""Encoder and decoder of the Patch-Volume autoencoder (3D MedDiffusion, Wang et al., IEEE TMI 2025)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention_3d import VolumeAttention
+from ..resnet_3d import Downsample3D, ResnetBlock3D, Upsample3D
+
+
+class NormalizedVolumeAttention(nn.Module):
+    """`x + to_out(attention(GroupNorm(x)))`: the attention layer of the autoencoder's middle block."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, norm_num_groups: int, norm_eps: float):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)
+        self.attention = VolumeAttention(channels, heads=heads, head_dim=head_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.attention(self.norm(hidden_states))
+
+
+class MidBlock3D(nn.Module):
+    """Resnet block, normalised self-attention, resnet block, at constant width."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, norm_num_groups: int, norm_eps: float):
+        super().__init__()
+        self.resnet_1 = ResnetBlock3D(channels, channels, norm_num_groups, norm_eps)
+        self.attention = NormalizedVolumeAttention(channels, heads, head_dim, norm_num_groups, norm_eps)
+        self.resnet_2 = ResnetBlock3D(channels, channels, norm_num_groups, norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.resnet_2(self.attention(self.resnet_1(hidden_states)))
+
+
+class ResampleBlock3D(nn.Module):
+    """Two resnet blocks followed by an optional down- or up-sampler (`resampler`)."""
+
+    def __init__(self, in_channels, out_channels, norm_num_groups, norm_eps, resampler: nn.Module | None = None):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock3D(in_channels, out_channels, norm_num_groups, norm_eps),
+                ResnetBlock3D(out_channels, out_channels, norm_num_groups, norm_eps),
+            ]
+        )
+        self.resampler = resampler
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            hidden_states = resnet(hidden_states)
+        return hidden_states if self.resampler is None else self.resampler(hidden_states)
+
+
+def level_widths(block_out_channels) -> list[int]:
+    """Widths of the encoder levels: one per downsampling, then a last full-depth level at the final width."""
+    return list(block_out_channels) + [block_out_channels[-1]]
+
+
+class PatchVolumeEncoder(nn.Module):
+    """Convolutional encoder: `len(block_out_channels)` halvings of every side, a self-attention middle block.
+
+    Args:
+        in_channels: Image channels.
+        latent_channels: Channels of the (pre-quantisation) latent.
+        block_out_channels: Width of each downsampling level; the encoder ends with one more level at the last width.
+        norm_num_groups, norm_eps: GroupNorm settings.
+        attention_heads, attention_head_dim: Shape of the middle block's attention.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        latent_channels: int,
+        block_out_channels,
+        norm_num_groups: int,
+        norm_eps: float,
+        attention_heads: int,
+        attention_head_dim: int,
+    ):
+        super().__init__()
+        widths = level_widths(block_out_channels)
+        num_downsamples = len(block_out_channels)
+        self.conv_in = nn.Conv3d(in_channels, widths[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        previous = widths[0]
+        for level, width in enumerate(widths):
+            resampler = Downsample3D(width) if level < num_downsamples else None
+            self.down_blocks.append(ResampleBlock3D(previous, width, norm_num_groups, norm_eps, resampler))
+            previous = width
+        self.mid_block = MidBlock3D(widths[-1], attention_heads, attention_head_dim, norm_num_groups, norm_eps)
+        self.norm_out = nn.GroupNorm(norm_num_groups, widths[-1], eps=norm_eps)
+        self.conv_out = nn.Conv3d(widths[-1], latent_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.conv_in(sample)
+        for block in [*self.down_blocks, self.mid_block]:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states)
+            else:
+                hidden_states = block(hidden_states)
+        return self.conv_out(F.silu(self.norm_out(hidden_states)))
+
+
+class PatchVolumeDecoder(nn.Module):
+    """Mirror of [`PatchVolumeEncoder`]: middle block first, then `len(block_out_channels)` doublings of every side.
+
+    It runs on a whole latent volume at once (the "joint" decoder), so its receptive field crosses the borders of the
+    patches the encoder saw independently.
+    """
+
+    def __init__(
+        self,
+        latent_channels: int,
+        out_channels: int,
+        block_out_channels,
+        norm_num_groups: int,
+        norm_eps: float,
+        attention_heads: int,
+        attention_head_dim: int,
+    ):
+        super().__init__()
+        widths = list(reversed(level_widths(block_out_channels)))
+        num_upsamples = len(block_out_channels)
+        self.conv_in = nn.Conv3d(latent_channels, widths[0], kernel_size=3, padding=1)
+        self.mid_block = MidBlock3D(widths[0], attention_heads, attention_head_dim, norm_num_groups, norm_eps)
+        self.up_blocks = nn.ModuleList()
+        previous = widths[0]
+        for level, width in enumerate(widths):
+            resampler = Upsample3D(width) if level < num_upsamples else None
+            self.up_blocks.append(ResampleBlock3D(previous, width, norm_num_groups, norm_eps, resampler))
+            previous = width
+        self.norm_out = nn.GroupNorm(norm_num_groups, widths[-1], eps=norm_eps)
+        self.conv_out = nn.Conv3d(widths[-1], out_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.conv_in(latents)
+        for block in [self.mid_block, *self.up_blocks]:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states)
+            else:
+                hidden_states = block(hidden_states)
+        return self.conv_out(F.silu(self.norm_out(hidden_states)))
