@@ -50,7 +50,7 @@ class PercentileScaling:
         return low, high
 
     def __call__(self, volume: torch.Tensor, return_range: bool = False):
-        """Scale `(B, C, D, H, W)` volumes to `[-1, 1]`; with `return_range` also return `(low, high)` for `inverse`."""
+        """Scale `(B, C, D, H, W)` volumes to `[-1, 1]`; `return_range=True` also returns `(low, high)`."""
         low, high = self.compute_range(volume)
         scaled = _to_unit_range(volume, low, high)
         return (scaled, (low, high)) if return_range else scaled

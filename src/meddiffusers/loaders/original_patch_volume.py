@@ -1,4 +1,4 @@
-"""Conversion of original 3D MedDiffusion Patch-Volume checkpoints (`patchvolumeAE`, PyTorch-Lightning) to `VQModel3D`."""
+"""Conversion of original 3D MedDiffusion Patch-Volume checkpoints (Lightning `patchvolumeAE`) to `VQModel3D`."""
 
 from __future__ import annotations
 

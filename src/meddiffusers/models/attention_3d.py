@@ -9,7 +9,7 @@ from torch import nn
 
 
 class VolumeAttnProcessor:
-    """Default processor: `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU)."""
+    """Default processor: `torch.nn.functional.scaled_dot_product_attention` (fused kernels on GPU)."""
 
     def __call__(self, attn: VolumeAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         # query/key/value: (batch, heads, tokens, head_dim)
