@@ -23,7 +23,9 @@ def _intensity_transform(name: str):
         return PercentileScaling()
     if name.startswith("ct-"):
         return HUWindow.preset(name[3:].replace("-", "_"))
-    raise ValueError(f"Unknown --intensity {name!r}; use 'percentile' or 'ct-<window>' (e.g. ct-wide, ct-soft-tissue).")
+    raise ValueError(
+        f"Unknown --intensity {name!r}; use 'percentile' or 'ct-<window>' (e.g. ct-wide, ct-soft-tissue)."
+    )
 
 
 def autoencode(args: argparse.Namespace) -> int:

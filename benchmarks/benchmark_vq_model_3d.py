@@ -1,0 +1,100 @@
+"""Encode / decode speed and peak memory of `VQModel3D` (released 8x or 4x configuration, random weights).
+
+Each measurement runs in a fresh subprocess so that the peak memory it reports is its own: peak resident memory on
+CPU, `torch.cuda.max_memory_allocated` on GPU.
+
+    python benchmarks/benchmark_vq_model_3d.py --sizes 128 256 --config 8x
+    python benchmarks/benchmark_vq_model_3d.py --sizes 256 --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+RELEASED = {"8x": {"block_out_channels": (48, 96, 192)}, "4x": {"block_out_channels": (48, 96)}}
+
+
+def measure(config: str, size: int, mode: str, device: str, dtype: str, tile: int, overlap: int) -> dict:
+    """Run one encode or decode of a `size`³ volume and return its time and peak memory."""
+    import torch
+
+    from meddiffusers import VQModel3D
+
+    torch.manual_seed(0)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model = VQModel3D(**RELEASED[config]).to(device=device, dtype=torch_dtype).eval()
+    factor = model.downsample_factor
+    with torch.no_grad():
+        if mode == "encode":
+            inputs = torch.rand(1, 1, size, size, size, device=device, dtype=torch_dtype) * 2 - 1
+            run = lambda: model.encode(inputs, patch_batch_size=8).latents  # noqa: E731
+        else:
+            latents = torch.randn(
+                1, 8, size // factor, size // factor, size // factor, device=device, dtype=torch_dtype
+            )
+            if mode == "decode_tiled":
+                model.enable_tiling(tile_latent_size=tile, tile_latent_overlap=overlap)
+            run = lambda: model.decode(latents).sample  # noqa: E731
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    if device.startswith("cuda"):
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    return {"config": config, "size": size, "mode": mode, "seconds": round(seconds, 2), "peak_gib": round(peak_gib, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="Cubic volume sides in voxels.")
+    parser.add_argument("--config", choices=sorted(RELEASED), default="8x")
+    parser.add_argument("--modes", nargs="+", default=["encode", "decode", "decode_tiled"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--tile", type=int, default=16, help="Latent tile side for decode_tiled.")
+    parser.add_argument("--overlap", type=int, default=4, help="Latent tile overlap for decode_tiled.")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        size, mode = args.sizes[0], args.modes[0]
+        print(json.dumps(measure(args.config, size, mode, args.device, args.dtype, args.tile, args.overlap)))
+        return
+
+    import torch
+
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print("| config | volume | mode | seconds | peak memory (GiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for size in args.sizes:
+        for mode in args.modes:
+            command = [sys.executable, __file__, "--worker", "--sizes", str(size), "--modes", mode]
+            command += ["--config", args.config, "--device", args.device, "--dtype", args.dtype]
+            command += ["--tile", str(args.tile), "--overlap", str(args.overlap)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                print(f"| {args.config} | {size}³ | {mode} | failed: {result.stderr.strip().splitlines()[-1]} | |")
+                continue
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            label = (
+                mode if mode != "decode_tiled" else f"decode tiled ({args.tile}³ latent tiles, overlap {args.overlap})"
+            )
+            print(f"| {row['config']} | {size}³ | {label} | {row['seconds']} | {row['peak_gib']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
