@@ -226,3 +226,15 @@ def test_invalid_configs_are_rejected():
         VQModel3D(block_out_channels=(6, 12), norm_num_groups=4)
     with pytest.raises(ValueError, match="multiple of the compression factor"):
         VQModel3D(block_out_channels=(4, 8, 16), norm_num_groups=2, patch_size=12)
+
+
+def test_loads_by_hub_repo_id_from_local_cache(tmp_path):
+    from tests.hub_cache import populate_hub_cache
+
+    model, ref = load_fixture("patchvolume_8x_tiny")
+    model.save_pretrained(tmp_path / "export" / "vqvae")
+    populate_hub_cache(tmp_path / "export", "meddiffusers-test/tiny-vqvae", tmp_path / "hub")
+    reloaded = VQModel3D.from_pretrained("meddiffusers-test/tiny-vqvae", subfolder="vqvae", cache_dir=tmp_path / "hub")
+    with torch.no_grad():
+        decoded = reloaded.decode(ref["latent_prequant"]).sample
+    torch.testing.assert_close(decoded, ref["decoded_joint"], atol=ATOL, rtol=RTOL)
