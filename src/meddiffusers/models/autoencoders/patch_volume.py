@@ -59,7 +59,37 @@ def level_widths(block_out_channels) -> list[int]:
     return list(block_out_channels) + [block_out_channels[-1]]
 
 
-class PatchVolumeEncoder(nn.Module):
+def resample_levels(widths, num_resamplings, resampler_cls, norm_num_groups, norm_eps) -> nn.ModuleList:
+    """One [`ResampleBlock3D`] per width; the first `num_resamplings` levels end with `resampler_cls(width)`."""
+    levels, previous = nn.ModuleList(), widths[0]
+    for level, width in enumerate(widths):
+        resampler = resampler_cls(width) if level < num_resamplings else None
+        levels.append(ResampleBlock3D(previous, width, norm_num_groups, norm_eps, resampler))
+        previous = width
+    return levels
+
+
+class _BlockStack(nn.Module):
+    """`conv_in`, then `ordered_blocks()` (each optionally gradient-checkpointed), then norm, SiLU and `conv_out`."""
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def ordered_blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.conv_in(sample)
+        for block in self.ordered_blocks():
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states)
+            else:
+                hidden_states = block(hidden_states)
+        return self.conv_out(F.silu(self.norm_out(hidden_states)))
+
+
+class PatchVolumeEncoder(_BlockStack):
     """Convolutional encoder: `len(block_out_channels)` halvings of every side, a self-attention middle block.
 
     Args:
@@ -72,40 +102,27 @@ class PatchVolumeEncoder(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        latent_channels: int,
+        in_channels,
+        latent_channels,
         block_out_channels,
-        norm_num_groups: int,
-        norm_eps: float,
-        attention_heads: int,
-        attention_head_dim: int,
+        norm_num_groups,
+        norm_eps,
+        attention_heads,
+        attention_head_dim,
     ):
         super().__init__()
         widths = level_widths(block_out_channels)
-        num_downsamples = len(block_out_channels)
         self.conv_in = nn.Conv3d(in_channels, widths[0], kernel_size=3, padding=1)
-        self.down_blocks = nn.ModuleList()
-        previous = widths[0]
-        for level, width in enumerate(widths):
-            resampler = Downsample3D(width) if level < num_downsamples else None
-            self.down_blocks.append(ResampleBlock3D(previous, width, norm_num_groups, norm_eps, resampler))
-            previous = width
+        self.down_blocks = resample_levels(widths, len(block_out_channels), Downsample3D, norm_num_groups, norm_eps)
         self.mid_block = MidBlock3D(widths[-1], attention_heads, attention_head_dim, norm_num_groups, norm_eps)
         self.norm_out = nn.GroupNorm(norm_num_groups, widths[-1], eps=norm_eps)
         self.conv_out = nn.Conv3d(widths[-1], latent_channels, kernel_size=3, padding=1)
-        self.gradient_checkpointing = False
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.conv_in(sample)
-        for block in [*self.down_blocks, self.mid_block]:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block, hidden_states)
-            else:
-                hidden_states = block(hidden_states)
-        return self.conv_out(F.silu(self.norm_out(hidden_states)))
+    def ordered_blocks(self) -> list[nn.Module]:
+        return [*self.down_blocks, self.mid_block]
 
 
-class PatchVolumeDecoder(nn.Module):
+class PatchVolumeDecoder(_BlockStack):
     """Mirror of [`PatchVolumeEncoder`]: middle block first, then `len(block_out_channels)` doublings of every side.
 
     It runs on a whole latent volume at once (the "joint" decoder), so its receptive field crosses the borders of the
@@ -114,34 +131,21 @@ class PatchVolumeDecoder(nn.Module):
 
     def __init__(
         self,
-        latent_channels: int,
-        out_channels: int,
+        latent_channels,
+        out_channels,
         block_out_channels,
-        norm_num_groups: int,
-        norm_eps: float,
-        attention_heads: int,
-        attention_head_dim: int,
+        norm_num_groups,
+        norm_eps,
+        attention_heads,
+        attention_head_dim,
     ):
         super().__init__()
         widths = list(reversed(level_widths(block_out_channels)))
-        num_upsamples = len(block_out_channels)
         self.conv_in = nn.Conv3d(latent_channels, widths[0], kernel_size=3, padding=1)
         self.mid_block = MidBlock3D(widths[0], attention_heads, attention_head_dim, norm_num_groups, norm_eps)
-        self.up_blocks = nn.ModuleList()
-        previous = widths[0]
-        for level, width in enumerate(widths):
-            resampler = Upsample3D(width) if level < num_upsamples else None
-            self.up_blocks.append(ResampleBlock3D(previous, width, norm_num_groups, norm_eps, resampler))
-            previous = width
+        self.up_blocks = resample_levels(widths, len(block_out_channels), Upsample3D, norm_num_groups, norm_eps)
         self.norm_out = nn.GroupNorm(norm_num_groups, widths[-1], eps=norm_eps)
         self.conv_out = nn.Conv3d(widths[-1], out_channels, kernel_size=3, padding=1)
-        self.gradient_checkpointing = False
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.conv_in(latents)
-        for block in [self.mid_block, *self.up_blocks]:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block, hidden_states)
-            else:
-                hidden_states = block(hidden_states)
-        return self.conv_out(F.silu(self.norm_out(hidden_states)))
+    def ordered_blocks(self) -> list[nn.Module]:
+        return [self.mid_block, *self.up_blocks]
