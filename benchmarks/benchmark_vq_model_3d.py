@@ -28,7 +28,9 @@ def measure(config: str, size: int, mode: str, device: str, dtype: str, tile: in
 
     torch.manual_seed(0)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    model = VQModel3D(**RELEASED[config]).to(device=device, dtype=torch_dtype).eval()
+    model = VQModel3D(**RELEASED[config]).to(device).eval()
+    if torch_dtype != torch.float32:
+        model = model.to(torch_dtype)
     factor = model.downsample_factor
     with torch.no_grad():
         if mode == "encode":
@@ -87,7 +89,9 @@ def main() -> None:
             command += ["--tile", str(args.tile), "--overlap", str(args.overlap)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
-                print(f"| {args.config} | {size}³ | {mode} | failed: {result.stderr.strip().splitlines()[-1]} | |")
+                reason = f"killed by signal {-result.returncode} (out of memory?)" if result.returncode < 0 else ""
+                reason = reason or result.stderr.strip().splitlines()[-1]
+                print(f"| {args.config} | {size}³ | {mode} | failed: {reason} | |", flush=True)
                 continue
             row = json.loads(result.stdout.strip().splitlines()[-1])
             label = (
