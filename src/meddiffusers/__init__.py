@@ -10,11 +10,16 @@ from .io import (
     HUWindow,
     NiftiVolume,
     PercentileScaling,
+    Region,
+    RegionRegistry,
     load_nifti,
+    meddiffusion_regions,
     save_nifti,
 )
 from .loaders import load_original_checkpoint
 from .models import (
+    BiFlowNet3DModel,
+    BiFlowNet3DOutput,
     VectorQuantizer3D,
     VectorQuantizer3DOutput,
     VolumeAttention,
@@ -23,16 +28,25 @@ from .models import (
     VQModel3D,
     VQModel3DEncoderOutput,
 )
+from .pipelines import MedDiffusionPipeline, MedDiffusionPipelineOutput
+from .schedulers import MedDiffusionDDIMScheduler, meddiffusion_cosine_betas, scheduler_from_name
 
 register_with_diffusers()
 
 __all__ = [
+    "BiFlowNet3DModel",
+    "BiFlowNet3DOutput",
     "ConfigMixin",
     "DiffusionPipeline",
     "HUWindow",
+    "MedDiffusionDDIMScheduler",
+    "MedDiffusionPipeline",
+    "MedDiffusionPipelineOutput",
     "ModelMixin",
     "NiftiVolume",
     "PercentileScaling",
+    "Region",
+    "RegionRegistry",
     "SchedulerMixin",
     "VQModel3D",
     "VQModel3DEncoderOutput",
@@ -43,5 +57,8 @@ __all__ = [
     "VolumeXFormersAttnProcessor",
     "load_nifti",
     "load_original_checkpoint",
+    "meddiffusion_cosine_betas",
+    "meddiffusion_regions",
     "save_nifti",
+    "scheduler_from_name",
 ]

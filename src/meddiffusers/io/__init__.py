@@ -8,3 +8,4 @@ from .nifti import (
     tensor_spacing_from_affine,
     tensor_to_nifti_array,
 )
+from .regions import Region, RegionRegistry, meddiffusion_regions

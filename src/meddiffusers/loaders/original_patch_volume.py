@@ -9,6 +9,7 @@ import re
 
 from diffusers.utils import logging
 
+from .key_mapping import load_converted_state_dict, rename_key
 from .safe_unpickle import load_original_checkpoint
 
 logger = logging.get_logger(__name__)
@@ -42,9 +43,7 @@ _KEY_RULES = [
 
 def rename_patch_volume_key(key: str) -> str:
     """Map one original `patchvolumeAE` state-dict key to its `VQModel3D` name."""
-    for pattern, replacement in _KEY_RULES:
-        key = re.sub(pattern, replacement, key)
-    return key
+    return rename_key(key, _KEY_RULES)
 
 
 def convert_patch_volume_state_dict(state_dict: dict) -> tuple[dict, list[str]]:
@@ -137,21 +136,7 @@ def load_patch_volume_checkpoint(cls, checkpoint_path, original_config=None, tor
     converted, dropped = convert_patch_volume_state_dict(state_dict)
     if dropped:
         logger.info(f"Dropped {len(dropped)} loss-only weights (discriminator / perceptual network).")
-    model = cls(**config)
-    expected = model.state_dict()
-    unexpected = sorted(set(converted) - set(expected))
-    missing = sorted(set(expected) - set(converted))
-    mismatched = [
-        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-        for key, value in converted.items()
-        if key in expected and value.shape != expected[key].shape
-    ]
-    if unexpected or missing or mismatched:
-        raise ValueError(
-            f"Checkpoint {os.fspath(checkpoint_path)!r} does not match the VQModel3D config {config}: "
-            f"unexpected keys {unexpected[:10]}, missing keys {missing[:10]}, shape mismatches {mismatched[:10]}."
-        )
-    model.load_state_dict(converted, strict=True)
+    model = load_converted_state_dict(cls(**config), converted, checkpoint_path, config)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     return model.eval()

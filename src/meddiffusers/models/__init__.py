@@ -1,2 +1,3 @@
 from .attention_3d import VolumeAttention, VolumeAttnProcessor, VolumeXFormersAttnProcessor
 from .autoencoders import VectorQuantizer3D, VectorQuantizer3DOutput, VQModel3D, VQModel3DEncoderOutput
+from .biflownet import BiFlowNet3DModel, BiFlowNet3DOutput

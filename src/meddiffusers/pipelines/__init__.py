@@ -1,0 +1,1 @@
+from .meddiffusion import MedDiffusionPipeline, MedDiffusionPipelineOutput

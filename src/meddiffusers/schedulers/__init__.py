@@ -1,0 +1,3 @@
+from .by_name import SCHEDULERS, scheduler_from_name
+from .schedule import meddiffusion_cosine_betas
+from .scheduling_meddiffusion_ddim import MedDiffusionDDIMScheduler

@@ -1,0 +1,2 @@
+from .pipeline_meddiffusion import MedDiffusionPipeline
+from .pipeline_output import MedDiffusionPipelineOutput
