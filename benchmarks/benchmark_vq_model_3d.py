@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import subprocess
-import sys
-import time
+
+from measure import peak_memory_gib, reset_peak_memory, run_worker, timed
 
 RELEASED = {"8x": {"block_out_channels": (48, 96, 192)}, "4x": {"block_out_channels": (48, 96)}}
 
@@ -43,18 +41,9 @@ def measure(config: str, size: int, mode: str, device: str, dtype: str, tile: in
             if mode == "decode_tiled":
                 model.enable_tiling(tile_latent_size=tile, tile_latent_overlap=overlap)
             run = lambda: model.decode(latents).sample  # noqa: E731
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        run()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    if device.startswith("cuda"):
-        peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+        reset_peak_memory(device)
+        seconds, _ = timed(run, device)
+    peak_gib = peak_memory_gib(device)
     return {"config": config, "size": size, "mode": mode, "seconds": round(seconds, 2), "peak_gib": round(peak_gib, 2)}
 
 
@@ -84,19 +73,15 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for size in args.sizes:
         for mode in args.modes:
-            command = [sys.executable, __file__, "--worker", "--sizes", str(size), "--modes", mode]
-            command += ["--config", args.config, "--device", args.device, "--dtype", args.dtype]
-            command += ["--tile", str(args.tile), "--overlap", str(args.overlap)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                reason = f"killed by signal {-result.returncode} (out of memory?)" if result.returncode < 0 else ""
-                reason = reason or result.stderr.strip().splitlines()[-1]
-                print(f"| {args.config} | {size}³ | {mode} | failed: {reason} | |", flush=True)
+            arguments = ["--sizes", str(size), "--modes", mode, "--config", args.config, "--device", args.device]
+            arguments += ["--dtype", args.dtype, "--tile", str(args.tile), "--overlap", str(args.overlap)]
+            row = run_worker(__file__, arguments)
+            if isinstance(row, str):
+                print(f"| {args.config} | {size}³ | {mode} | failed: {row} | |", flush=True)
                 continue
-            row = json.loads(result.stdout.strip().splitlines()[-1])
-            label = (
-                mode if mode != "decode_tiled" else f"decode tiled ({args.tile}³ latent tiles, overlap {args.overlap})"
-            )
+            label = mode
+            if mode == "decode_tiled":
+                label = f"decode tiled ({args.tile}³ latent tiles, overlap {args.overlap})"
             print(f"| {row['config']} | {size}³ | {label} | {row['seconds']} | {row['peak_gib']} |", flush=True)
 
 

@@ -48,3 +48,20 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "meddiffusers.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "autoencode" in result.stdout
+
+
+def test_generate_writes_valid_nifti_from_a_saved_tiny_pipeline(tmp_path, capsys):
+    from meddiffusers import MedDiffusionPipeline
+    from tests.pipelines.test_meddiffusion import build_pipeline
+
+    regions = [{"name": "MRBrainT1", "class_id": 3, "aliases": ["MRBrain"], "volume_size": [32, 64, 64]}]
+    MedDiffusionPipeline(**build_pipeline().components, regions=regions).save_pretrained(tmp_path / "pipe")
+    output = tmp_path / "brain.nii.gz"
+    args = ["generate", "--model", str(tmp_path / "pipe"), "--region", "MRBrain", "--output", str(output)]
+    assert main([*args, "--steps", "3", "--seed", "1", "--scheduler", "dpm++", "--num-volumes", "2"]) == 0
+    images = [nib.load(tmp_path / f"brain_{index}.nii.gz") for index in range(2)]
+    assert all(image.shape == (64, 64, 32) and np.isfinite(image.get_fdata()).all() for image in images)
+    assert "generated 2 x MRBrainT1" in capsys.readouterr().out
+    assert main([*args, "--region", "Liver"]) == 2
+    assert "Unknown region 'Liver'" in capsys.readouterr().err
+    assert main([*args, "--scheduler", "magic"]) == 2
