@@ -1,8 +1,8 @@
 """Speed and peak memory of BiFlowNet3DModel and MedDiffusionPipeline (released 8x configuration, random weights).
 
 Modes, each in a fresh process:
-  forward   one BiFlowNet forward pass on a latent of side N (batch 1)
-  step      one sampling step (forward + MedDiffusionDDIMScheduler.step)
+  forward   one BiFlowNet forward pass on a latent of side N (batch 1; mean of 3 after a warm-up)
+  step      one sampling step (forward + MedDiffusionDDIMScheduler.step; mean of 3 after a warm-up)
   generate  a whole generation: --steps DDIM steps on a latent of side N, then the joint (or tiled) decode
 
     python benchmarks/benchmark_meddiffusion.py --latent-sizes 16 32 --modes forward step
@@ -45,8 +45,11 @@ def measure(mode: str, latent: int, steps: int, device: str, dtype: str) -> dict
             pipe.set_progress_bar_config(disable=True)
             size = (latent * vqvae.downsample_factor,) * 3
             run = lambda: pipe("MRBrain", num_inference_steps=steps, volume_size=size, output_type="pt")  # noqa: E731
+        repeats = 1 if mode == "generate" else 3
+        if repeats > 1:
+            run()  # warm-up: first-call allocations and kernel selection are not what a sampling loop pays
         reset_peak_memory(device)
-        seconds, _ = timed(run, device)
+        seconds = sum(timed(run, device)[0] for _ in range(repeats)) / repeats
     peak_gib = round(peak_memory_gib(device), 2)
     return {"mode": mode, "latent": latent, "seconds": round(seconds, 2), "peak_gib": peak_gib}
 
