@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     gen.set_defaults(handler=generate)
 
+    from .conversion import build_argument_parser, run_from_args
+
+    conv = commands.add_parser(
+        "convert",
+        help="Convert released 3D MedDiffusion checkpoints into a meddiffusers (safetensors) folder.",
+        description="Convert original .ckpt/.pt files (read without executing pickled code) into a pipeline folder.",
+    )
+    build_argument_parser(conv)
+    conv.set_defaults(handler=run_from_args)
+
     auto = commands.add_parser(
         "autoencode",
         help="Encode and decode a NIfTI volume with a VQModel3D (Patch-Volume autoencoder).",

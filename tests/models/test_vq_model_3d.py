@@ -78,7 +78,7 @@ def test_fp16_variant_round_trip(tmp_path):
     model, ref = load_fixture("patchvolume_8x_tiny")
     model.to(torch.float16).save_pretrained(tmp_path, variant="fp16")
     assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    reloaded = VQModel3D.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float32)
+    reloaded = VQModel3D.from_pretrained(tmp_path, variant="fp16", dtype=torch.float32)
     with torch.no_grad():
         recon = reloaded.decode(ref["latent_prequant"]).sample
     assert recon.dtype == torch.float32

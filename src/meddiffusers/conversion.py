@@ -1,0 +1,275 @@
+"""Convert released 3D MedDiffusion checkpoints into a meddiffusers folder (safetensors, configs, model card).
+
+Used by `meddiffusers convert` and `scripts/convert_checkpoints/convert_meddiffusion_to_diffusers.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The released pairs: the 8x autoencoder goes with the patch-1 BiFlowNet, the 4x one with the patch-2 BiFlowNet.
+RELEASED_PAIRS = {8: 1, 4: 2}
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion wrote and which source weights it mapped or dropped."""
+
+    output_dir: str
+    components: list[str] = field(default_factory=list)
+    mapped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _cast(model, dtype: torch.dtype):
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def _split_original_config(path: str | None) -> tuple[dict | None, dict | None]:
+    """A JSON with `vqvae` (the autoencoder's `cfg`) and/or `unet` (BiFlowNet keyword arguments) sections."""
+    if path is None:
+        return None, None
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if "vqvae" in config or "unet" in config:
+        return config.get("vqvae"), config.get("unet")
+    if "cfg" in config or "model" in config:
+        return config, None
+    return None, config
+
+
+def _model_card(components: list[str], dtype: str, sources: dict[str, str]) -> str:
+    usage = (
+        "```python\nimport torch\nfrom meddiffusers import MedDiffusionPipeline\n\n"
+        'pipe = MedDiffusionPipeline.from_pretrained("REPO_OR_FOLDER")\n'
+        'output = pipe(region="MRBrain", num_inference_steps=100, generator=torch.Generator().manual_seed(0))\n'
+        'output.save("brain.nii.gz")\n```\n'
+        if "unet" in components and "vqvae" in components
+        else "```python\nfrom meddiffusers import VQModel3D, BiFlowNet3DModel\n\n"
+        'vqvae = VQModel3D.from_pretrained("REPO_OR_FOLDER", subfolder="vqvae")\n```\n'
+    )
+    source_lines = "\n".join(
+        f"- `{name}/`: converted from `{os.path.basename(path)}`" for name, path in sources.items()
+    )
+    return f"""---
+license: other
+library_name: meddiffusers
+tags:
+- medical-imaging
+- 3d
+- ct
+- mri
+- diffusion
+- meddiffusers
+pipeline_tag: unconditional-image-generation
+---
+
+# 3D MedDiffusion (converted for meddiffusers)
+
+Weights of [3D MedDiffusion](https://arxiv.org/abs/2412.13059) (Wang et al., *A 3D Medical Latent Diffusion Model for
+Controllable and High-quality Medical Image Generation*, IEEE Transactions on Medical Imaging, 2025), converted from
+the authors' released checkpoints to safetensors for the meddiffusers library. The numbers are unchanged: the
+converted models reproduce the original code's outputs. Weights are stored as {dtype}.
+
+{source_lines}
+
+Research use only; not a medical device. The licence is that of the original release: check the authors'
+repository (ShanghaiTech-IMPACT/3D-MedDiffusion) before redistributing.
+
+## Usage
+
+{usage}
+Regions (anatomy / modality classes) and their default sizes and spacings are stored in `model_index.json`.
+
+## Citation
+
+```bibtex
+@article{{wang2025meddiffusion,
+  title   = {{A 3D Medical Latent Diffusion Model for Controllable and High-quality Medical Image Generation}},
+  author  = {{Wang, Haoshen and Liu, Zhentao and Sun, Kaicong and Wang, Xiaodong and Shen, Dinggang and Cui, Zhiming}},
+  journal = {{IEEE Transactions on Medical Imaging}},
+  year    = {{2025}},
+  doi     = {{10.1109/TMI.2025.3585372}}
+}}
+```
+"""
+
+
+def convert(
+    output_dir: str,
+    vqvae_checkpoint: str | None = None,
+    unet_checkpoint: str | None = None,
+    controlnet_checkpoint: str | None = None,
+    dtype: str = "fp32",
+    use_ema: bool = True,
+    original_config: str | None = None,
+    allow_unreleased_pair: bool = False,
+) -> ConversionReport:
+    """Convert original checkpoints into `output_dir` (written atomically: nothing is left behind on failure).
+
+    Args:
+        output_dir: Destination folder (must not exist or be empty).
+        vqvae_checkpoint: Original Patch-Volume `.ckpt` (written to `vqvae/`).
+        unet_checkpoint: Original BiFlowNet `.pt` (written to `unet/`).
+        controlnet_checkpoint: Original ControlNet `.pt` (not supported yet).
+        dtype: `fp32`, `fp16` or `bf16` for the saved weights.
+        use_ema: Take the BiFlowNet's EMA weights (what the original sampler uses).
+        original_config: JSON with original configurations (`{"vqvae": cfg, "unet": kwargs}` or either alone).
+        allow_unreleased_pair: Accept an autoencoder/BiFlowNet pair the authors did not release together
+            (e.g. a 4x autoencoder with a patch-1 BiFlowNet).
+
+    Returns:
+        A [`ConversionReport`].
+    """
+    from .io.regions import RegionRegistry, meddiffusion_regions
+    from .loaders.original_biflownet_checkpoint import rename_biflownet_key
+    from .loaders.original_patch_volume import LOSS_ONLY_PREFIXES, rename_patch_volume_key
+    from .loaders.safe_unpickle import load_original_checkpoint
+    from .models import BiFlowNet3DModel, VQModel3D
+    from .pipelines import MedDiffusionPipeline
+    from .schedulers import MedDiffusionDDIMScheduler
+
+    if not (vqvae_checkpoint or unet_checkpoint or controlnet_checkpoint):
+        raise ValueError("Nothing to convert: pass --vqvae_checkpoint, --unet_checkpoint or both.")
+    if controlnet_checkpoint:
+        raise ValueError("ControlNet conversion needs ControlNet3DModel, which is not part of this release yet.")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    for path in (vqvae_checkpoint, unet_checkpoint):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"Checkpoint not found: {path!r}.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ValueError(f"Output folder {output_dir!r} exists and is not empty; choose a new one.")
+
+    vqvae_cfg, unet_kwargs = _split_original_config(original_config)
+    report = ConversionReport(output_dir=os.path.abspath(output_dir))
+    vqvae = unet = None
+    if vqvae_checkpoint:
+        vqvae = VQModel3D.from_single_file(vqvae_checkpoint, original_config=vqvae_cfg)
+        state_dict = load_original_checkpoint(vqvae_checkpoint).get("state_dict", {})
+        report.dropped["vqvae"] = [k for k in state_dict if k.startswith(LOSS_ONLY_PREFIXES)]
+        report.mapped["vqvae"] = [
+            (k, rename_patch_volume_key(k)) for k in state_dict if k not in report.dropped["vqvae"]
+        ]
+    if unet_checkpoint:
+        unet = BiFlowNet3DModel.from_single_file(unet_checkpoint, original_config=unet_kwargs, use_ema=use_ema)
+        checkpoint = load_original_checkpoint(unet_checkpoint)
+        used = "ema" if use_ema else "model"
+        report.mapped["unet"] = [(k, rename_biflownet_key(k)) for k in checkpoint[used]]
+        report.dropped["unet"] = sorted(k for k in checkpoint if k != used)
+    if vqvae is not None and unet is not None:
+        if vqvae.config.latent_channels != unet.config.in_channels:
+            raise ValueError(
+                f"The autoencoder's latents have {vqvae.config.latent_channels} channels but the BiFlowNet expects "
+                f"{unet.config.in_channels}: these checkpoints do not belong together."
+            )
+        expected_patch = RELEASED_PAIRS.get(vqvae.downsample_factor)
+        if not allow_unreleased_pair and expected_patch not in (None, unet.config.dit_patch_size):
+            raise ValueError(
+                f"A {vqvae.downsample_factor}x autoencoder was released with a patch-{expected_patch} BiFlowNet, but "
+                f"this BiFlowNet uses patch {unet.config.dit_patch_size} (8x pairs with BiFlowNet_0453500.pt, 4x with "
+                "BiFlowNet_4x.pt). Pass --allow_unreleased_pair if the pairing is intended."
+            )
+
+    torch_dtype = DTYPES[dtype]
+    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".meddiffusers-convert-", dir=parent)
+    try:
+        if vqvae is not None and unet is not None:
+            classes = unet.config.num_class_embeds or 0
+            if classes == len(meddiffusion_regions()):
+                regions = meddiffusion_regions()
+            else:
+                regions = RegionRegistry([{"name": f"class_{i}", "class_id": i} for i in range(classes)])
+            pipe = MedDiffusionPipeline(
+                vqvae=vqvae.to(torch_dtype),
+                unet=unet.to(torch_dtype),
+                scheduler=MedDiffusionDDIMScheduler(),
+                regions=regions.to_config(),
+            )
+            pipe.save_pretrained(staging)
+            report.components = ["vqvae", "unet", "scheduler"]
+        else:
+            for name, model in (("vqvae", vqvae), ("unet", unet)):
+                if model is not None:
+                    _cast(model, torch_dtype).save_pretrained(os.path.join(staging, name))
+                    report.components.append(name)
+        sources = {"vqvae": vqvae_checkpoint, "unet": unet_checkpoint}
+        sources = {name: path for name, path in sources.items() if path}
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(_model_card(report.components, dtype, sources))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates it private
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def build_argument_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of the converter (shared by the script and `meddiffusers convert`)."""
+    parser = parser or argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--vqvae_checkpoint", help="Original Patch-Volume autoencoder .ckpt (e.g. PatchVolume_8x_s2).")
+    parser.add_argument("--unet_checkpoint", help="Original BiFlowNet .pt (e.g. BiFlowNet_0453500.pt).")
+    parser.add_argument("--controlnet_checkpoint", help="Original ControlNet .pt (not supported yet).")
+    parser.add_argument("--output_dir", required=True, help="New folder to write (nothing is written on failure).")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="Precision of the saved weights.")
+    parser.add_argument("--no_ema", action="store_true", help="Use the BiFlowNet's raw weights instead of its EMA.")
+    parser.add_argument("--original_config", help="JSON with original configs: {'vqvae': cfg, 'unet': kwargs}.")
+    parser.add_argument(
+        "--allow_unreleased_pair", action="store_true", help="Accept a non-released AE/BiFlowNet pair."
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to the Hub after converting.")
+    parser.add_argument("--repo_id", help="Hub repository for --push_to_hub, e.g. user/meddiffusion-8x.")
+    parser.add_argument("--verbose", action="store_true", help="List every mapped and dropped source key.")
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run a conversion from parsed arguments and print what was done."""
+    if args.push_to_hub and not args.repo_id:
+        raise ValueError("--push_to_hub needs --repo_id.")
+    report = convert(
+        output_dir=args.output_dir,
+        vqvae_checkpoint=args.vqvae_checkpoint,
+        unet_checkpoint=args.unet_checkpoint,
+        controlnet_checkpoint=args.controlnet_checkpoint,
+        dtype=args.dtype,
+        use_ema=not args.no_ema,
+        original_config=args.original_config,
+        allow_unreleased_pair=args.allow_unreleased_pair,
+    )
+    for name in report.mapped:
+        print(
+            f"{name}: {len(report.mapped[name])} weights mapped, {len(report.dropped.get(name, []))} entries dropped"
+        )
+        if args.verbose:
+            for source, target in report.mapped[name]:
+                print(f"  {source} -> {target}")
+            for source in report.dropped.get(name, []):
+                print(f"  dropped: {source}")
+    print(f"wrote {report.output_dir} ({', '.join(report.components)})")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.repo_id, exist_ok=True)
+        api.upload_folder(folder_path=args.output_dir, repo_id=args.repo_id)
+        print(f"pushed to {args.repo_id}")
+    return 0
