@@ -14,6 +14,7 @@ from meddiffusers.cli import main
 from meddiffusers.conversion import convert
 from tests.conftest import FIXTURES
 from tests.hub_cache import populate_hub_cache
+from tests.malicious import RunsACommand
 
 VQVAE = FIXTURES / "patchvolume_4x_tiny" / "patchvolume_4x_tiny.ckpt"
 UNET = FIXTURES / "biflownet_tiny" / "biflownet_tiny.pt"
@@ -81,17 +82,9 @@ def test_single_component_conversion(tmp_path):
     VQModel3D.from_pretrained(tmp_path / "ae", subfolder="vqvae")
 
 
-class _RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_malicious_checkpoint_is_refused_and_nothing_is_written(tmp_path):
     marker, evil = tmp_path / "pwned", tmp_path / "BiFlowNet_evil.pt"
-    torch.save({"ema": {"init_conv.weight": torch.zeros(1)}, "args": _RunsACommand(marker)}, evil)
+    torch.save({"ema": {"init_conv.weight": torch.zeros(1)}, "args": RunsACommand(marker)}, evil)
     with pytest.raises(ValueError, match="could execute code"):
         convert(str(tmp_path / "out"), str(VQVAE), str(evil))
     assert not marker.exists()

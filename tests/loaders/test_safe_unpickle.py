@@ -1,29 +1,19 @@
 """Original checkpoints are read without executing pickled code."""
 
 import argparse
-import os
 
 import pytest
 import torch
 
 from meddiffusers import load_original_checkpoint
 from tests.conftest import FIXTURES
-
-
-class _RunsACommand:
-    """An object whose unpickling would run a shell command (the classic malicious-checkpoint payload)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from tests.malicious import RunsACommand
 
 
 def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsACommand(marker)}, path)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": RunsACommand(marker)}, path)
     with pytest.raises(ValueError, match="could execute code"):
         load_original_checkpoint(path)
     assert not marker.exists()
