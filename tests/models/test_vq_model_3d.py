@@ -170,6 +170,7 @@ def test_slicing_matches_batched_decode():
 
 def test_gradient_checkpointing_matches_plain_backward():
     model = tiny_model().train()
+    model.quantize.decay = None  # freeze the EMA codebook so that both passes see the same codes
     x = torch.rand(1, 1, 8, 8, 16) * 2 - 1
 
     def loss_and_grads():
@@ -238,3 +239,26 @@ def test_loads_by_hub_repo_id_from_local_cache(tmp_path):
     with torch.no_grad():
         decoded = reloaded.decode(ref["latent_prequant"]).sample
     torch.testing.assert_close(decoded, ref["decoded_joint"], atol=ATOL, rtol=RTOL)
+
+
+def test_codebook_ema_training_initialises_updates_and_restarts():
+    model = tiny_model(num_vq_embeddings=16).train()
+    model.quantize.cluster_size.zero_()  # a fresh codebook
+    x = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = model.encode(x).latents
+        model.quantize(latents)
+    vectors = latents.movedim(1, -1).reshape(-1, 4)
+    # Data-dependent init: every code is (close to) an encoder output of the batch.
+    distances = torch.cdist(model.quantize.embedding, vectors).min(dim=1).values
+    assert distances.max() < 0.05
+    assert model.quantize.cluster_size.sum() > 0
+    before = model.quantize.embedding.clone()
+    with torch.no_grad():
+        model.quantize(latents + 0.1)
+    assert not torch.equal(before, model.quantize.embedding)
+    model.eval()
+    frozen = model.quantize.embedding.clone()
+    with torch.no_grad():
+        model.quantize(latents)
+    assert torch.equal(frozen, model.quantize.embedding)  # no updates outside training

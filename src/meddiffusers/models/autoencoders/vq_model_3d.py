@@ -60,6 +60,9 @@ class VQModel3D(ModelMixin, AutoencoderMixin, ConfigMixin):
         patch_size (`int` or `tuple[int, int, int]`, defaults to 64): Side of the cubes encoded independently.
         pad_value (`float`, defaults to -1.0): Value used to pad sides that are not multiples of `patch_size`.
         commitment_cost (`float`, defaults to 0.25): Weight of the commitment loss.
+        codebook_decay (`float`, defaults to 0.99): EMA decay of the codebook statistics in training mode.
+        codebook_restart_threshold (`float`, defaults to 1.0): Codes whose EMA usage falls below this restart at
+            random encoder outputs during training (0 disables restarts).
     """
 
     _supports_gradient_checkpointing = True
@@ -81,6 +84,8 @@ class VQModel3D(ModelMixin, AutoencoderMixin, ConfigMixin):
         patch_size: int | tuple[int, int, int] = 64,
         pad_value: float = -1.0,
         commitment_cost: float = 0.25,
+        codebook_decay: float = 0.99,
+        codebook_restart_threshold: float = 1.0,
     ):
         super().__init__()
         block_out_channels = tuple(block_out_channels)
@@ -108,7 +113,9 @@ class VQModel3D(ModelMixin, AutoencoderMixin, ConfigMixin):
         )
         self.encoder = PatchVolumeEncoder(in_channels, latent_channels, **blocks)
         self.quant_conv = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
-        self.quantize = VectorQuantizer3D(num_vq_embeddings, latent_channels, commitment_cost)
+        self.quantize = VectorQuantizer3D(
+            num_vq_embeddings, latent_channels, commitment_cost, codebook_decay, codebook_restart_threshold
+        )
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, kernel_size=1)
         self.decoder = PatchVolumeDecoder(latent_channels, out_channels, **blocks)
 
