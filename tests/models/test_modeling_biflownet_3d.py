@@ -154,3 +154,17 @@ def test_released_configs_have_the_published_sizes():
         four = BiFlowNet3DModel(dit_patch_size=2)
     assert sum(p.numel() for p in eight.parameters()) == 157_654_880
     assert sum(p.numel() for p in four.parameters()) == 157_773_824
+
+
+def test_controlnet_residuals_reproduce_the_authors_controlled_biflownet():
+    """The recorded ControlNet outputs, injected through the hooks, give the original ControlledBiFlowNet's output."""
+    model, _ = load_fixture("biflownet_tiny")
+    ref = load_file(FIXTURES / "controlnet_tiny" / "inputs_outputs.safetensors")
+    controls = [ref[f"control_{i}"] for i in range(5)]
+    with torch.no_grad():
+        plain = model(ref["x"], ref["t"], ref["y"]).sample
+        full = model(ref["x"], ref["t"], ref["y"], controls[:4], controls[4]).sample
+        half = model(ref["x"], ref["t"], ref["y"], [c * 0.5 for c in controls[:4]], controls[4] * 0.5).sample
+    torch.testing.assert_close(plain, ref["eps_plain_biflownet"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(full, ref["eps"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(half, ref["eps_control_scale_0p5"], atol=ATOL, rtol=RTOL)

@@ -1,0 +1,297 @@
+"""Train a class-conditional BiFlowNet on cached latents and save a complete MedDiffusionPipeline.
+
+    accelerate launch examples/train_biflownet.py \
+        --train_latents outputs/latents --pretrained_vqvae outputs/vqvae --output_dir outputs/meddiffusion \
+        --max_train_steps 100000 --train_batch_size 4 --mixed_precision bf16 --use_ema \
+        --checkpointing_steps 5000 --validation_steps 5000
+
+Multi-GPU and multi-node come from Accelerate's own configuration (`accelerate config`, DDP / DeepSpeed / FSDP) with
+no change here. The recipe follows 3D MedDiffusion: cosine schedule over 1000 steps (exact float64 betas), epsilon
+prediction, L1 loss by default, Adam at 1e-4, an EMA of the weights for sampling.
+"""
+
+import argparse
+import logging
+import math
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from meddiffusers import (
+    BiFlowNet3DModel,
+    MedDiffusionDDIMScheduler,
+    MedDiffusionPipeline,
+    VQModel3D,
+    meddiffusion_cosine_betas,
+)
+from meddiffusers.training.latents import LatentDataset
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train_latents", required=True, help="Folder written by examples/cache_latents.py.")
+    p.add_argument("--pretrained_vqvae", required=True, help="VQModel3D folder (or pipeline folder) for the pipeline.")
+    p.add_argument("--output_dir", required=True, help="Checkpoints, validation volumes and the final pipeline.")
+    p.add_argument("--resume_unet", default=None, help="Start from this BiFlowNet3DModel folder instead of scratch.")
+    # architecture (defaults: the released 8x model)
+    p.add_argument("--base_channels", type=int, default=72)
+    p.add_argument("--channel_mults", type=int, nargs="+", default=[1, 1, 2, 4, 8])
+    p.add_argument("--attention_levels", type=int, nargs="+", default=[0, 0, 0, 1, 1])
+    p.add_argument("--attention_heads", type=int, default=8)
+    p.add_argument("--norm_num_groups", type=int, default=24)
+    p.add_argument("--dit_num_heads", type=int, default=8)
+    p.add_argument("--dit_patch_size", type=int, default=1, help="1 for 8x latents, 2 for 4x latents.")
+    # optimisation
+    p.add_argument("--loss_type", choices=["l1", "l2"], default="l1")
+    p.add_argument("--num_train_timesteps", type=int, default=1000)
+    p.add_argument("--train_batch_size", type=int, default=1, help="Per device; latents in a batch share a shape.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--lr_scheduler", default="constant", help="constant, linear, cosine, constant_with_warmup, ...")
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights (saved as the final model).")
+    p.add_argument("--ema_decay", type=float, default=0.995)
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    # checkpoints, validation, logging
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
+    p.add_argument("--validation_steps", type=int, default=0, help="Save validation volumes every N steps (0: off).")
+    p.add_argument("--validation_regions", nargs="+", default=None, help="Regions to sample (default: the first).")
+    p.add_argument("--validation_inference_steps", type=int, default=50)
+    p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    p.add_argument("--logging_dir", default="logs")
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    return p.parse_args(argv)
+
+
+def collate(items):
+    shapes = {tuple(item["latents"].shape) for item in items}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"Latents of one batch must share a shape, got {sorted(shapes)}; cache them with --volume_size or train "
+            "with --train_batch_size 1."
+        )
+    return {
+        "latents": torch.stack([item["latents"] for item in items]),
+        "class_labels": torch.tensor([item["class_labels"] for item in items]),
+    }
+
+
+def build_unet(args, in_channels, num_classes):
+    if args.resume_unet:
+        return BiFlowNet3DModel.from_pretrained(args.resume_unet)
+    return BiFlowNet3DModel(
+        in_channels=in_channels,
+        base_channels=args.base_channels,
+        channel_mults=args.channel_mults,
+        attention_levels=[bool(a) for a in args.attention_levels],
+        num_class_embeds=num_classes,
+        attention_heads=args.attention_heads,
+        norm_num_groups=args.norm_num_groups,
+        dit_num_heads=args.dit_num_heads,
+        dit_patch_size=args.dit_patch_size,
+    )
+
+
+def load_vqvae(path):
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return VQModel3D.from_pretrained(path, subfolder="vqvae")
+    return VQModel3D.from_pretrained(path)
+
+
+def build_pipeline(accelerator, unet, ema, vqvae, regions):
+    """A pipeline with the (EMA) weights, for validation and the final save."""
+    model = BiFlowNet3DModel.from_config(accelerator.unwrap_model(unet).config)
+    model.load_state_dict(accelerator.unwrap_model(unet).state_dict())
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    return MedDiffusionPipeline(
+        vqvae=vqvae, unet=model.eval(), scheduler=MedDiffusionDDIMScheduler(), regions=regions.to_config()
+    )
+
+
+def validate(args, accelerator, pipeline, regions, step, latent_shape, first_class):
+    folder = os.path.join(args.output_dir, "validation", f"step-{step}")
+    pipeline.set_progress_bar_config(disable=True)
+    factor = pipeline.vqvae.downsample_factor
+    size = tuple(side * factor for side in latent_shape[1:])
+    names = args.validation_regions or [regions.resolve(int(first_class)).name]
+    generator = torch.Generator().manual_seed(args.seed)
+    output = pipeline(
+        names, num_inference_steps=args.validation_inference_steps, volume_size=size, generator=generator
+    )
+    paths = output.save(folder)
+    logger.info(f"step {step}: validation volumes {paths}")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            middle = output.volumes[:, 0, output.volumes.shape[2] // 2]
+            tracker.writer.add_images("validation/mid_slice", (middle[:, None] + 1) / 2, step, dataformats="NCHW")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    dataset = LatentDataset(args.train_latents)
+    regions = dataset.regions
+    first = dataset[0]["latents"]  # channels of the model and shape of the validation volumes
+    unet = build_unet(args, first.shape[0], len(regions))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=BiFlowNet3DModel, model_config=unet.config)
+    ema = ema if args.use_ema else None
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        trained_betas=meddiffusion_cosine_betas(args.num_train_timesteps).tolist(),
+    )
+    optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_biflownet", config={k: str(v) for k, v in vars(args).items()})
+
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            found = sorted(
+                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
+                key=lambda d: int(d.split("-")[1]),
+            )
+            path = os.path.join(args.output_dir, found[-1]) if found else None
+        if path is None:
+            logger.info("No checkpoint to resume from; starting a new run.")
+        else:
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(path.rstrip("/")).split("-")[1])
+            first_epoch = global_step // steps_per_epoch
+            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+            logger.info(f"Resumed from {path} at step {global_step}.")
+
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
+    )
+    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    micro_step = global_step * args.gradient_accumulation_steps
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    for epoch in range(first_epoch, num_epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)  # the same shuffling order per epoch, resumed or not
+        epoch_loader = loader
+        if epoch == first_epoch and resume_batches:
+            epoch_loader = accelerator.skip_first_batches(loader, resume_batches)
+        for batch in epoch_loader:
+            with accelerator.accumulate(unet):
+                latents = batch["latents"]
+                # A generator seeded from (seed, step, rank): a resumed run draws exactly what an uninterrupted one
+                # would, whatever else consumed the global random state in between.
+                generator = torch.Generator(latents.device).manual_seed(
+                    args.seed + 7919 * (micro_step * accelerator.num_processes + accelerator.process_index)
+                )
+                noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+                timesteps = torch.randint(
+                    0, args.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+                )
+                micro_step += 1
+                scale = alphas[timesteps].view(-1, 1, 1, 1, 1)
+                noisy = scale.sqrt() * latents + (1 - scale).sqrt() * noise
+                prediction = unet(noisy, timesteps, batch["class_labels"]).sample
+                loss_fn = F.l1_loss if args.loss_type == "l1" else F.mse_loss
+                loss = loss_fn(prediction.float(), noise.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(unet.parameters())
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                save_checkpoint(args, accelerator, global_step)
+            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                vqvae = load_vqvae(args.pretrained_vqvae).to(accelerator.device)
+                pipeline = build_pipeline(accelerator, unet, ema, vqvae, regions).to(accelerator.device)
+                validate(args, accelerator, pipeline, regions, global_step, first.shape, dataset[0]["class_labels"])
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        pipeline = build_pipeline(accelerator, unet, ema, load_vqvae(args.pretrained_vqvae), regions)
+        pipeline.save_pretrained(os.path.join(args.output_dir, "pipeline"))
+        logger.info(f"Saved the pipeline to {os.path.join(args.output_dir, 'pipeline')}")
+        if args.push_to_hub:
+            pipeline.push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+    accelerator.end_training()
+
+
+def save_checkpoint(args, accelerator, step):
+    """`checkpoint-<step>` with model, optimizer, scheduler, EMA and RNG states; old ones beyond the limit go."""
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        existing = sorted(
+            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+        )
+        for old in existing[: max(len(existing) - args.checkpoints_total_limit + 1, 0)]:
+            shutil.rmtree(os.path.join(args.output_dir, old))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
+
+
+if __name__ == "__main__":
+    main()
