@@ -23,7 +23,7 @@ install_requires = [
 ]
 
 extras = {
-    "test": ["pytest>=8", "pytest-xdist>=3", "nilearn>=0.10", "ruff>=0.6"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "nilearn>=0.10", "ruff>=0.6", "datasets>=3.0"],
     "training": ["datasets>=3.0", "tensorboard"],
     "xformers": ["xformers"],
     "docs": ["hf-doc-builder>=0.5"],

@@ -31,6 +31,8 @@ def parse_args(argv=None):
     parser.add_argument("--intensity", default="percentile", help="percentile, a CT window name, or ct:<min>:<max>.")
     parser.add_argument("--spacing", type=float, nargs=3, default=None, help="Resample to this (D, H, W) spacing.")
     parser.add_argument("--volume_size", type=int, nargs=3, default=None, help="Centre crop/pad to (D, H, W).")
+    parser.add_argument("--augment_copies", type=int, default=0, help="Also encode N flipped/rotated copies.")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     return parser.parse_args(argv)
 
@@ -53,7 +55,9 @@ def main(argv=None):
     manifest = read_manifest(args.train_data, regions)
     vqvae = load_vqvae(args.pretrained_vqvae).to(args.device).eval()
     preprocessor = VolumePreprocessor(args.intensity, tuple(args.spacing) if args.spacing else None)
-    columns = encode_manifest(vqvae, manifest, preprocessor, args.volume_size, args.device)
+    columns = encode_manifest(
+        vqvae, manifest, preprocessor, args.volume_size, args.device, args.augment_copies, args.seed
+    )
     save_latent_dataset(columns, regions, args.output_dir)
     shapes = sorted({tuple(shape) for shape in columns["shape"]})
     print(f"encoded {len(columns['shape'])} volume(s) into {args.output_dir}; latent shapes {shapes}")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 import torch
 import torch.nn.functional as F
 
 from ..io.regions import RegionRegistry
-from .data import VolumePreprocessor
+from .data import VolumePreprocessor, augment
 
 REGIONS_FILE = "regions.json"
 
@@ -29,12 +30,16 @@ def center_crop_or_pad(volume: torch.Tensor, size) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_manifest(vqvae, manifest, preprocessor: VolumePreprocessor, volume_size=None, device="cpu") -> dict:
+def encode_manifest(
+    vqvae, manifest, preprocessor: VolumePreprocessor, volume_size=None, device="cpu", augment_copies=0, seed=0
+) -> dict:
     """Encode every volume of a manifest into normalised latents (the diffusion model's space).
 
-    Returns columns for `datasets.Dataset.from_dict`: `latents` (flattened float32), `shape`, `class_id`, `region`,
-    `source`. Unreadable files are reported together with their names.
+    With `augment_copies > 0`, that many randomly flipped / rotated copies of each volume (the reference
+    augmentations) are encoded too. Returns columns for `datasets.Dataset.from_dict`: `latents` (flattened
+    float32), `shape`, `class_id`, `region`, `source`. Unreadable files are reported together with their names.
     """
+    generator = random.Random(seed)
     columns = {"latents": [], "shape": [], "class_id": [], "region": [], "source": []}
     problems = []
     for row in manifest:
@@ -45,12 +50,14 @@ def encode_manifest(vqvae, manifest, preprocessor: VolumePreprocessor, volume_si
             continue
         if volume_size is not None:
             volume = center_crop_or_pad(volume, volume_size)
-        latents = vqvae.normalize_latents(vqvae.encode(volume[None].to(device, vqvae.dtype)).latents)[0]
-        columns["latents"].append(latents.float().cpu().reshape(-1).numpy())
-        columns["shape"].append(list(latents.shape))
-        columns["class_id"].append(int(row["class_id"]))
-        columns["region"].append(row["region"])
-        columns["source"].append(row["image"])
+        for copy in range(augment_copies + 1):
+            variant = volume if copy == 0 else augment(volume, generator)
+            latents = vqvae.normalize_latents(vqvae.encode(variant[None].to(device, vqvae.dtype)).latents)[0]
+            columns["latents"].append(latents.float().cpu().reshape(-1).numpy())
+            columns["shape"].append(list(latents.shape))
+            columns["class_id"].append(int(row["class_id"]))
+            columns["region"].append(row["region"])
+            columns["source"].append(row["image"])
     if problems:
         raise ValueError(f"{len(problems)} volume(s) could not be encoded: " + "; ".join(problems))
     return columns

@@ -101,7 +101,10 @@ class BiFlowNet3DModel(ModelMixin, ConfigMixin):
         if bad:
             raise ValueError(f"U-Net widths {bad} are not divisible by `norm_num_groups`={norm_num_groups}.")
         levels = list(zip(widths[:-1], widths[1:]))
-        self.num_fusion_levels = sum(a == b for a, b in zip(widths[:-1], widths[1:]))
+        # DiT features join the leading full-resolution levels, i.e. those that keep the base width.
+        self.num_fusion_levels = 0
+        while self.num_fusion_levels < len(levels) and widths[self.num_fusion_levels + 1] == dim:
+            self.num_fusion_levels += 1
         if self.num_fusion_levels < 1:
             raise ValueError("The first level must keep the base width (channel_mults[0] == 1) for the DiT fusion.")
 

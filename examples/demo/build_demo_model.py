@@ -1,0 +1,103 @@
+"""Train the small demonstration pipeline shipped with meddiffusers (`meddiffusers generate`'s default model).
+
+    python examples/demo/build_demo_model.py --data_dir ../shared/data --work_dir /tmp/demo \
+        --output_dir src/meddiffusers/demo/meddiffusion-demo
+
+Data (redistribution allowed, attribution in the model card): an Apache-2.0 T1-weighted MRI head slab from the
+Insight Toolkit examples and a BSD-3 CT chest from the pyradiomics test data. Both are resampled to coarse voxels
+(32 x 64 x 64) so that the whole recipe runs on a laptop CPU in minutes. The result is a demonstration of the
+recipe, not a clinical or research-grade model.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from meddiffusers import load_nifti, save_nifti
+from meddiffusers.io import affine_from_tensor_spacing
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.dirname(HERE)
+SOURCES = {
+    "MRBrainT1": ("mr_t1_itk_kmeanstest.nii.gz", (6.0, 4.0, 4.0)),
+    "CTChestAbdomen": ("ct_chest_pyradiomics_lung1.nii.gz", (7.5, 4.5625, 4.5625)),
+}
+SIZE = (32, 64, 64)
+REGIONS = [
+    {"name": "MRBrainT1", "class_id": 0, "aliases": ["MRBrain", "MRT1Brain", "BrainT1"], "volume_size": list(SIZE),
+     "spacing": [6.0, 4.0, 4.0], "description": "T1-weighted MRI of the head (demo, coarse voxels)"},
+    {"name": "CTChestAbdomen", "class_id": 1, "aliases": ["CTChest", "CTThorax"], "volume_size": list(SIZE),
+     "spacing": [7.5, 4.5625, 4.5625], "description": "CT of the chest (demo, coarse voxels)"},
+]
+
+
+def resample(path, spacing, target):
+    volume = load_nifti(path)
+    size = [round(n * s / t) for n, s, t in zip(volume.tensor.shape[2:], volume.spacing, spacing)]
+    tensor = F.interpolate(volume.tensor.float(), size=size, mode="trilinear", align_corners=False)
+    pads = []
+    for have, want in zip(reversed(tensor.shape[2:]), reversed(SIZE)):
+        pads += [0, max(want - have, 0)]
+    tensor = F.pad(tensor, pads, value=float(tensor.min()))[:, :, : SIZE[0], : SIZE[1], : SIZE[2]]
+    save_nifti(tensor, target, affine=affine_from_tensor_spacing(spacing))
+
+
+def run(*args):
+    print("+", " ".join(map(str, args)), flush=True)
+    subprocess.run([sys.executable, *map(str, args)], check=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--work_dir", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--ae_steps", type=int, default=1500)
+    parser.add_argument("--joint_steps", type=int, default=300)
+    parser.add_argument("--unet_steps", type=int, default=3000)
+    args = parser.parse_args()
+    os.makedirs(args.work_dir, exist_ok=True)
+    rows = []
+    for region, (name, spacing) in SOURCES.items():
+        target = os.path.join(args.work_dir, f"{region}.nii.gz")
+        resample(os.path.join(args.data_dir, name), spacing, target)
+        rows.append({"image": target, "region": region})
+    manifest = os.path.join(args.work_dir, "manifest.json")
+    with open(manifest, "w") as handle:
+        json.dump(rows, handle)
+    regions = os.path.join(args.work_dir, "regions.json")
+    with open(regions, "w") as handle:
+        json.dump(REGIONS, handle)
+    ae = ["--block_out_channels", 16, 32, "--latent_channels", 4, "--num_vq_embeddings", 256, "--norm_num_groups", 8,
+          "--patch_size", 16, "--disc_channels", 8, "--disc_layers", 2, "--report_to", "none", "--seed", 0]
+    work = args.work_dir
+    run(f"{EXAMPLES}/train_vqmodel3d.py", "--stage", "patch", "--train_data", manifest, "--output_dir", f"{work}/s1",
+        "--max_train_steps", args.ae_steps, "--learning_rate", 1e-3, "--train_batch_size", 2,
+        "--disc_start_step", args.ae_steps * 2 // 3, "--checkpointing_steps", 100000, *ae)
+    run(f"{EXAMPLES}/train_vqmodel3d.py", "--stage", "joint", "--pretrained_vqvae", f"{work}/s1/vqvae", "--train_data",
+        manifest, "--output_dir", f"{work}/s2", "--max_train_steps", args.joint_steps, "--learning_rate", 3e-4,
+        "--checkpointing_steps", 100000, *ae)
+    run(f"{EXAMPLES}/cache_latents.py", "--pretrained_vqvae", f"{work}/s2/vqvae", "--train_data", manifest,
+        "--output_dir", f"{work}/latents", "--regions", regions, "--volume_size", *SIZE, "--augment_copies", 15)
+    run(f"{EXAMPLES}/train_biflownet.py", "--train_latents", f"{work}/latents", "--pretrained_vqvae",
+        f"{work}/s2/vqvae", "--output_dir", f"{work}/unet", "--base_channels", 12, "--channel_mults", 1, 1, 2, 2,
+        "--attention_levels", 0, 0, 1, 1, "--attention_heads", 4, "--norm_num_groups", 4, "--dit_num_heads", 4,
+        "--dit_patch_size", 2, "--max_train_steps", args.unet_steps, "--train_batch_size", 4, "--learning_rate", 3e-4,
+        "--loss_type", "l2", "--use_ema", "--ema_decay", 0.999, "--checkpointing_steps", 100000,
+        "--report_to", "none")
+    if os.path.isdir(args.output_dir):
+        import shutil
+
+        shutil.rmtree(args.output_dir)
+    os.replace(f"{work}/unet/pipeline", args.output_dir)
+    print(f"demo pipeline written to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
