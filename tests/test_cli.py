@@ -65,3 +65,12 @@ def test_generate_writes_valid_nifti_from_a_saved_tiny_pipeline(tmp_path, capsys
     assert main([*args, "--region", "Liver"]) == 2
     assert "Unknown region 'Liver'" in capsys.readouterr().err
     assert main([*args, "--scheduler", "magic"]) == 2
+
+
+def test_generate_defaults_to_the_bundled_demo_model(tmp_path, capsys):
+    output = tmp_path / "demo_brain.nii.gz"
+    assert main(["generate", "--region", "MRBrain", "--output", str(output), "--steps", "3", "--seed", "0"]) == 0
+    image = nib.load(output)
+    assert image.shape == (64, 64, 32) and np.isfinite(image.get_fdata()).all()
+    assert image.header.get_zooms() == (4.0, 4.0, 6.0)
+    assert "bundled demo model" in capsys.readouterr().out

@@ -77,6 +77,11 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("--num-volumes and --steps must be at least 1.")
     if not args.output.endswith((".nii", ".nii.gz")) and os.path.splitext(args.output)[1]:
         raise ValueError(f"--output must be a .nii/.nii.gz file or a folder, got {args.output!r}.")
+    if args.model is None:
+        from .demo import demo_model_path
+
+        args.model = demo_model_path()
+        print(f"using the bundled demo model ({args.model}): a demonstration, not a clinical model")
     pipe = MedDiffusionPipeline.from_pretrained(args.model)
     pipe.get_region(args.region)  # unknown regions fail here, before any model runs
     if args.scheduler:
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Generate CT/MRI volumes with a MedDiffusionPipeline.",
         description="Generate volumes of one region and save them as NIfTI (model-space intensities, region spacing).",
     )
-    gen.add_argument("--model", required=True, help="Pipeline folder or Hub repo id.")
+    gen.add_argument("--model", default=None, help="Pipeline folder or Hub repo id (default: the bundled demo model).")
     gen.add_argument("--region", required=True, help="Region name, alias or class id, e.g. MRBrain, CTLegs, 3.")
     gen.add_argument("--output", required=True, help="Output .nii.gz file (an index is added for several) or folder.")
     gen.add_argument("--steps", type=int, default=100, help="Denoising steps (default 100).")
