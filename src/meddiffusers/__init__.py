@@ -20,6 +20,8 @@ from .loaders import load_original_checkpoint
 from .models import (
     BiFlowNet3DModel,
     BiFlowNet3DOutput,
+    ControlNet3DModel,
+    ControlNet3DOutput,
     VectorQuantizer3D,
     VectorQuantizer3DOutput,
     VolumeAttention,
@@ -37,6 +39,8 @@ __all__ = [
     "BiFlowNet3DModel",
     "BiFlowNet3DOutput",
     "ConfigMixin",
+    "ControlNet3DModel",
+    "ControlNet3DOutput",
     "DiffusionPipeline",
     "HUWindow",
     "MedDiffusionDDIMScheduler",

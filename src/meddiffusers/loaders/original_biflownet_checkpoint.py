@@ -169,6 +169,11 @@ def load_biflownet_checkpoint(cls, checkpoint_path, original_config=None, use_em
             f"{os.fspath(checkpoint_path)!r} is a Patch-Volume autoencoder checkpoint; load it with "
             "VQModel3D.from_single_file."
         )
+    if isinstance(checkpoint.get("model"), dict) and "mid_zero_conv.weight" in checkpoint["model"]:
+        raise ValueError(
+            f"{os.fspath(checkpoint_path)!r} is a ControlNet, not a BiFlowNet checkpoint; load it with "
+            "ControlNet3DModel.from_single_file."
+        )
     key = "ema" if use_ema else "model"
     state_dict = checkpoint.get(key)
     if not isinstance(state_dict, dict) or "init_conv.weight" not in state_dict:
