@@ -30,7 +30,7 @@ from .models import (
     VQModel3D,
     VQModel3DEncoderOutput,
 )
-from .pipelines import MedDiffusionPipeline, MedDiffusionPipelineOutput
+from .pipelines import MedDiffusionControlNetPipeline, MedDiffusionPipeline, MedDiffusionPipelineOutput
 from .schedulers import MedDiffusionDDIMScheduler, meddiffusion_cosine_betas, scheduler_from_name
 
 register_with_diffusers()
@@ -43,6 +43,7 @@ __all__ = [
     "ControlNet3DOutput",
     "DiffusionPipeline",
     "HUWindow",
+    "MedDiffusionControlNetPipeline",
     "MedDiffusionDDIMScheduler",
     "MedDiffusionPipeline",
     "MedDiffusionPipelineOutput",

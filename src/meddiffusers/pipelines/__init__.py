@@ -1,1 +1,1 @@
-from .meddiffusion import MedDiffusionPipeline, MedDiffusionPipelineOutput
+from .meddiffusion import MedDiffusionControlNetPipeline, MedDiffusionPipeline, MedDiffusionPipelineOutput

@@ -1,2 +1,3 @@
 from .pipeline_meddiffusion import MedDiffusionPipeline
+from .pipeline_meddiffusion_controlnet import MedDiffusionControlNetPipeline
 from .pipeline_output import MedDiffusionPipelineOutput

@@ -174,6 +174,37 @@ class MedDiffusionPipeline(DiffusionPipeline):
         Returns:
             [`MedDiffusionPipelineOutput`] with the volumes, their affines and region names (or a tuple of those).
         """
+        return self._generate(
+            region,
+            num_inference_steps,
+            generator,
+            num_volumes_per_region,
+            volume_size,
+            latents,
+            output_type,
+            return_dict,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+
+    def _predict_noise(self, sample, timestep, class_labels, control=None) -> torch.Tensor:
+        """The denoiser's noise prediction (the ControlNet pipeline adds its residuals here)."""
+        return self.unet(sample, timestep, class_labels=class_labels).sample
+
+    def _generate(
+        self,
+        region,
+        num_inference_steps,
+        generator,
+        num_volumes_per_region,
+        volume_size,
+        latents,
+        output_type,
+        return_dict,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        control=None,
+    ):
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -205,7 +236,7 @@ class MedDiffusionPipeline(DiffusionPipeline):
                 model_input = latents
                 if hasattr(self.scheduler, "scale_model_input"):
                     model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.unet(model_input, t, class_labels=class_labels).sample
+                noise_pred = self._predict_noise(model_input, t, class_labels, control)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
