@@ -120,3 +120,17 @@ def test_cli_and_script(tmp_path, capsys):
     assert "init_conv.weight -> conv_in.weight" in out and "dropped: volume_discriminator" in out
     result = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path / "x")], capture_output=True)
     assert result.returncode == 2 and b"Nothing to convert" in result.stderr
+
+
+def test_controlnet_conversion_gives_a_controlnet_pipeline(tmp_path):
+    from meddiffusers import MedDiffusionControlNetPipeline
+
+    controlnet = FIXTURES / "controlnet_tiny" / "controlnet_tiny.pt"
+    report = convert_tiny(tmp_path / "cn", controlnet_checkpoint=str(controlnet))
+    assert report.components == ["vqvae", "unet", "controlnet", "scheduler"]
+    pipe = MedDiffusionControlNetPipeline.from_pretrained(tmp_path / "cn")
+    pipe.set_progress_bar_config(disable=True)
+    volumes = pipe("CTLegs", condition=torch.zeros(1, 1, *VOLUME), num_inference_steps=2, output_type="pt").volumes
+    assert volumes.shape == (1, 1, *VOLUME) and torch.isfinite(volumes).all()
+    alone = convert(str(tmp_path / "alone"), controlnet_checkpoint=str(controlnet), original_config=str(UNET_CONFIG))
+    assert alone.components == ["controlnet"]

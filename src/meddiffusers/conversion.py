@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from diffusers.utils import logging
 
@@ -122,7 +123,8 @@ def convert(
         output_dir: Destination folder (must not exist or be empty).
         vqvae_checkpoint: Original Patch-Volume `.ckpt` (written to `vqvae/`).
         unet_checkpoint: Original BiFlowNet `.pt` (written to `unet/`).
-        controlnet_checkpoint: Original ControlNet `.pt` (not supported yet).
+        controlnet_checkpoint: The authors' ControlNet `.pt` (written to `controlnet/`; with both other checkpoints
+            the folder is a `MedDiffusionControlNetPipeline`).
         dtype: `fp32`, `fp16` or `bf16` for the saved weights.
         use_ema: Take the BiFlowNet's EMA weights (what the original sampler uses).
         original_config: JSON with original configurations (`{"vqvae": cfg, "unet": kwargs}` or either alone).
@@ -134,19 +136,18 @@ def convert(
     """
     from .io.regions import RegionRegistry, meddiffusion_regions
     from .loaders.original_biflownet_checkpoint import rename_biflownet_key
+    from .loaders.original_controlnet_checkpoint import rename_controlnet_key
     from .loaders.original_patch_volume import LOSS_ONLY_PREFIXES, rename_patch_volume_key
     from .loaders.safe_unpickle import load_original_checkpoint
-    from .models import BiFlowNet3DModel, VQModel3D
-    from .pipelines import MedDiffusionPipeline
+    from .models import BiFlowNet3DModel, ControlNet3DModel, VQModel3D
+    from .pipelines import MedDiffusionControlNetPipeline, MedDiffusionPipeline
     from .schedulers import MedDiffusionDDIMScheduler
 
     if not (vqvae_checkpoint or unet_checkpoint or controlnet_checkpoint):
         raise ValueError("Nothing to convert: pass --vqvae_checkpoint, --unet_checkpoint or both.")
-    if controlnet_checkpoint:
-        raise ValueError("ControlNet conversion needs ControlNet3DModel, which is not part of this release yet.")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    for path in (vqvae_checkpoint, unet_checkpoint):
+    for path in (vqvae_checkpoint, unet_checkpoint, controlnet_checkpoint):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"Checkpoint not found: {path!r}.")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
@@ -154,7 +155,7 @@ def convert(
 
     vqvae_cfg, unet_kwargs = _split_original_config(original_config)
     report = ConversionReport(output_dir=os.path.abspath(output_dir))
-    vqvae = unet = None
+    vqvae = unet = controlnet = None
     if vqvae_checkpoint:
         vqvae = VQModel3D.from_single_file(vqvae_checkpoint, original_config=vqvae_cfg)
         state_dict = load_original_checkpoint(vqvae_checkpoint).get("state_dict", {})
@@ -168,6 +169,17 @@ def convert(
         used = "ema" if use_ema else "model"
         report.mapped["unet"] = [(k, rename_biflownet_key(k)) for k in checkpoint[used]]
         report.dropped["unet"] = sorted(k for k in checkpoint if k != used)
+    if controlnet_checkpoint:
+        controlnet = ControlNet3DModel.from_single_file(controlnet_checkpoint, original_config=unet_kwargs)
+        state_dict = load_original_checkpoint(controlnet_checkpoint)["model"]
+        report.mapped["controlnet"] = [(k, rename_controlnet_key(k)) for k in state_dict]
+        if unet is not None:
+            shared = ("in_channels", "base_channels", "channel_mults", "attention_levels", "dit_patch_size")
+            different = [
+                k for k in shared if list(np.atleast_1d(controlnet.config[k])) != list(np.atleast_1d(unet.config[k]))
+            ]
+            if different:
+                raise ValueError(f"The ControlNet does not match the BiFlowNet (different {different}).")
     if vqvae is not None and unet is not None:
         if vqvae.config.latent_channels != unet.config.in_channels:
             raise ValueError(
@@ -193,20 +205,20 @@ def convert(
                 regions = meddiffusion_regions()
             else:
                 regions = RegionRegistry([{"name": f"class_{i}", "class_id": i} for i in range(classes)])
-            pipe = MedDiffusionPipeline(
-                vqvae=vqvae.to(torch_dtype),
-                unet=unet.to(torch_dtype),
-                scheduler=MedDiffusionDDIMScheduler(),
-                regions=regions.to_config(),
-            )
+            components = dict(vqvae=_cast(vqvae, torch_dtype), unet=_cast(unet, torch_dtype))
+            pipeline_class = MedDiffusionPipeline
+            if controlnet is not None:
+                components["controlnet"] = _cast(controlnet, torch_dtype)
+                pipeline_class = MedDiffusionControlNetPipeline
+            pipe = pipeline_class(**components, scheduler=MedDiffusionDDIMScheduler(), regions=regions.to_config())
             pipe.save_pretrained(staging)
-            report.components = ["vqvae", "unet", "scheduler"]
+            report.components = [*components, "scheduler"]
         else:
-            for name, model in (("vqvae", vqvae), ("unet", unet)):
+            for name, model in (("vqvae", vqvae), ("unet", unet), ("controlnet", controlnet)):
                 if model is not None:
                     _cast(model, torch_dtype).save_pretrained(os.path.join(staging, name))
                     report.components.append(name)
-        sources = {"vqvae": vqvae_checkpoint, "unet": unet_checkpoint}
+        sources = {"vqvae": vqvae_checkpoint, "unet": unet_checkpoint, "controlnet": controlnet_checkpoint}
         sources = {name: path for name, path in sources.items() if path}
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(_model_card(report.components, dtype, sources))
@@ -227,7 +239,7 @@ def build_argument_parser(parser: argparse.ArgumentParser | None = None) -> argp
     parser = parser or argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--vqvae_checkpoint", help="Original Patch-Volume autoencoder .ckpt (e.g. PatchVolume_8x_s2).")
     parser.add_argument("--unet_checkpoint", help="Original BiFlowNet .pt (e.g. BiFlowNet_0453500.pt).")
-    parser.add_argument("--controlnet_checkpoint", help="Original ControlNet .pt (not supported yet).")
+    parser.add_argument("--controlnet_checkpoint", help="The authors' ControlNet .pt (writes controlnet/).")
     parser.add_argument("--output_dir", required=True, help="New folder to write (nothing is written on failure).")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="Precision of the saved weights.")
     parser.add_argument("--no_ema", action="store_true", help="Use the BiFlowNet's raw weights instead of its EMA.")
