@@ -14,7 +14,6 @@ import argparse
 import logging
 import math
 import os
-import shutil
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +32,7 @@ from meddiffusers import (
     VQModel3D,
     meddiffusion_cosine_betas,
 )
+from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
 from meddiffusers.training.latents import LatentDataset
 
 logger = get_logger(__name__)
@@ -196,23 +196,9 @@ def main(argv=None):
         accelerator.init_trackers("train_biflownet", config={k: str(v) for k, v in vars(args).items()})
 
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            found = sorted(
-                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
-                key=lambda d: int(d.split("-")[1]),
-            )
-            path = os.path.join(args.output_dir, found[-1]) if found else None
-        if path is None:
-            logger.info("No checkpoint to resume from; starting a new run.")
-        else:
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(path.rstrip("/")).split("-")[1])
-            first_epoch = global_step // steps_per_epoch
-            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-            logger.info(f"Resumed from {path} at step {global_step}.")
+    global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
+    first_epoch = global_step // steps_per_epoch
+    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
@@ -261,7 +247,7 @@ def main(argv=None):
             accelerator.log(logs, step=global_step)
 
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(args, accelerator, global_step)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 vqvae = load_vqvae(args.pretrained_vqvae).to(accelerator.device)
                 pipeline = build_pipeline(accelerator, unet, ema, vqvae, regions).to(accelerator.device)
@@ -279,18 +265,6 @@ def main(argv=None):
         if args.push_to_hub:
             pipeline.push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
     accelerator.end_training()
-
-
-def save_checkpoint(args, accelerator, step):
-    """`checkpoint-<step>` with model, optimizer, scheduler, EMA and RNG states; old ones beyond the limit go."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = sorted(
-            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-        )
-        for old in existing[: max(len(existing) - args.checkpoints_total_limit + 1, 0)]:
-            shutil.rmtree(os.path.join(args.output_dir, old))
-    accelerator.wait_for_everyone()
-    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import logging
 import math
 import os
-import shutil
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from meddiffusers import VQModel3D, save_nifti
+from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
 from meddiffusers.training.data import VolumeDataset, VolumePreprocessor, read_manifest
 from meddiffusers.training.vq_losses import (
     PatchDiscriminator3D,
@@ -111,32 +111,6 @@ def build_model(args) -> VQModel3D:
     return model
 
 
-def save_checkpoint(args, accelerator, step):
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = sorted(
-            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-        )
-        for old in existing[: max(len(existing) - args.checkpoints_total_limit + 1, 0)]:
-            shutil.rmtree(os.path.join(args.output_dir, old))
-    accelerator.wait_for_everyone()
-    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
-
-
-def resume(args, accelerator) -> int:
-    path = args.resume_from_checkpoint
-    if path == "latest":
-        found = sorted(
-            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-        )
-        path = os.path.join(args.output_dir, found[-1]) if found else None
-    if path is None:
-        logger.info("No checkpoint to resume from; starting a new run.")
-        return 0
-    accelerator.load_state(path)
-    logger.info(f"Resumed from {path}.")
-    return int(os.path.basename(path.rstrip("/")).split("-")[1])
-
-
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator(
@@ -186,7 +160,7 @@ def main(argv=None):
         perceptual.to(accelerator.device)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_vqmodel3d", config={k: str(v) for k, v in vars(args).items()})
-    global_step = resume(args, accelerator) if args.resume_from_checkpoint else 0
+    global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
 
     model = accelerator.unwrap_model(vqvae)
     progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
@@ -236,7 +210,7 @@ def main(argv=None):
             progress.set_postfix(l1=logs["l1"])
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(args, accelerator, global_step)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 folder = os.path.join(args.output_dir, "validation", f"step-{global_step}")
                 save_nifti(volumes[:1].float().cpu(), os.path.join(folder, "input.nii.gz"))

@@ -20,11 +20,13 @@ logger = logging.get_logger(__name__)
 
 
 def read_manifest(path: str | os.PathLike, regions: RegionRegistry | None = None):
-    """Read a manifest of volumes into a `datasets.Dataset` with columns `image`, `region`, `class_id`, `mask`.
+    """Read a manifest of volumes into a `datasets.Dataset` with columns `image`, `region`, `class_id`, `mask`,
+    `condition`.
 
-    The manifest is a JSON list of `{"image": path, "region": name, "mask": optional path}` objects or a CSV file
-    with the same columns. Relative paths are resolved against the manifest's folder. Every file must exist and every
-    region must be known (to `regions`, when given); all problems are reported together, with the file names.
+    The manifest is a JSON list of `{"image": path, "region": name, "mask": optional label file, "condition":
+    optional paired condition volume}` objects or a CSV file with the same columns. Relative paths are resolved
+    against the manifest's folder. Every file must exist and every region must be known (to `regions`, when
+    given); all problems are reported together, with the file names.
     """
     import datasets
 
@@ -47,9 +49,10 @@ def read_manifest(path: str | os.PathLike, regions: RegionRegistry | None = None
             problems.append(f"entry {index}: no 'image'")
             continue
         image = image if os.path.isabs(image) else os.path.join(root, image)
-        mask = row.get("mask") or None
+        mask, condition = (row.get(key) or None for key in ("mask", "condition"))
         mask = mask if mask is None or os.path.isabs(mask) else os.path.join(root, mask)
-        for file in filter(None, (image, mask)):
+        condition = condition if condition is None or os.path.isabs(condition) else os.path.join(root, condition)
+        for file in filter(None, (image, mask, condition)):
             if not os.path.isfile(file):
                 problems.append(f"entry {index}: file not found {file!r}")
         region = row.get("region", "")
@@ -59,7 +62,15 @@ def read_manifest(path: str | os.PathLike, regions: RegionRegistry | None = None
                 class_id = regions.resolve(int(region) if str(region).isdigit() else region).class_id
             except ValueError:
                 problems.append(f"entry {index} ({os.path.basename(image)}): unknown region {region!r}")
-        records.append({"image": image, "region": str(region), "class_id": class_id, "mask": mask or ""})
+        records.append(
+            {
+                "image": image,
+                "region": str(region),
+                "class_id": class_id,
+                "mask": mask or "",
+                "condition": condition or "",
+            }
+        )
     if problems:
         valid = f" Valid regions: {regions.describe()}." if regions is not None else ""
         raise ValueError(f"Manifest {path!r} has {len(problems)} problem(s): " + "; ".join(problems) + valid)
