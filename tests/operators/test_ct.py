@@ -67,3 +67,16 @@ def test_bad_arguments():
     with pytest.raises(NotImplementedError):
         fan = RayTransform((8, 8), 4, geometry="fan")
         fan.fbp(fan(torch.zeros(1, 1, 1, 8, 8)))
+
+
+def test_real_ct_sparse_view_condition():
+    from meddiffusers import HUWindow, load_nifti
+    from tests.conftest import shared_volume
+
+    ct = HUWindow.preset("wide")(load_nifti(shared_volume("ct_chest_pyradiomics_lung1.nii.gz")).tensor)
+    volume = ct[:, :, 20:22, ::4, ::4]  # two 128 x 128 slices
+    psnr = {}
+    for views in (180, 18):
+        condition = sparse_view_ct_condition(volume, views).clamp(-1, 1)
+        psnr[views] = (10 * torch.log10(4 / ((condition - volume) ** 2).mean())).item()
+    assert psnr[180] > 25 and psnr[180] > psnr[18] + 5
