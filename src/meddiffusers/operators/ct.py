@@ -121,20 +121,41 @@ class RayTransform:
         return gradient
 
     def fbp(self, sinogram: torch.Tensor) -> torch.Tensor:
-        """Filtered back-projection (ramp filter, parallel beam): an approximate inverse of `forward`."""
-        if self.geometry != "parallel":
-            raise NotImplementedError(
-                "FBP is implemented for the parallel-beam geometry; use it for fan-beam data "
-                "after rebinning, or reconstruct iteratively with `adjoint`."
-            )
+        """Filtered back-projection (ramp filter): an approximate inverse of `forward`.
+
+        Fan-beam sinograms are first rebinned to parallel-beam ones (each parallel ray is looked up on the fan ray
+        that carries the same line), then reconstructed like those.
+        """
+        if self.geometry == "fan":
+            parallel = RayTransform(self.image_size, self.num_views, "parallel", self.num_detectors)
+            return parallel.fbp(self._rebin_to_parallel(sinogram))
         detectors = sinogram.shape[-1]
         padded = 2 ** math.ceil(math.log2(2 * detectors))
         frequencies = torch.fft.rfftfreq(padded, device=sinogram.device).to(sinogram.dtype)
-        ramp = 2 * frequencies.abs()
-        spectrum = torch.fft.rfft(sinogram, n=padded, dim=-1) * ramp
+        spectrum = torch.fft.rfft(sinogram, n=padded, dim=-1) * frequencies.abs()
         filtered = torch.fft.irfft(spectrum, n=padded, dim=-1)[..., :detectors]
-        # Riemann sum over the full circle counts each line twice: dθ / 2 = π / views
-        return self.adjoint(filtered) * (math.pi / self.num_views) / 2
+        # Each line is measured twice over the full circle: integrate over [0, 2π) and halve, dθ = 2π / views.
+        return self.adjoint(filtered) * (math.pi / self.num_views)
+
+    def _rebin_to_parallel(self, sinogram: torch.Tensor) -> torch.Tensor:
+        """Fan-beam `(B, C, D, V, N)` sinogram → parallel-beam sinogram on the same angles and detector spacing."""
+        views, detectors = self.num_views, self.num_detectors
+        theta = self.angles[:, None]
+        offsets = (torch.arange(detectors, dtype=torch.float64) - (detectors - 1) / 2)[None, :]
+        gamma = torch.asin((offsets / self.source_distance).clamp(-1, 1))  # line (θ, s) is seen from β = θ - γ
+        beta = torch.remainder(theta - gamma, 2 * math.pi)
+        u = (offsets + self.detector_distance * torch.sin(gamma)) / torch.cos(gamma)
+        view_index = beta / (2 * math.pi / views)  # in [0, V); row V of the wrapped sinogram repeats view 0
+        detector_index = u + (detectors - 1) / 2
+        grid_x = detector_index / (detectors - 1) * 2 - 1
+        grid_y = view_index / views * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(grid_x, grid_y), dim=-1).float()[None]
+        batch, channels, depth = sinogram.shape[:3]
+        flat = sinogram.reshape(batch * channels * depth, 1, views, detectors)
+        wrapped = torch.cat([flat, flat[:, :, :1]], dim=2)  # views 0..V, V ≡ 0
+        grid = grid.to(flat.device, flat.dtype).expand(flat.shape[0], -1, -1, -1)
+        rebinned = F.grid_sample(wrapped, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return rebinned.reshape(batch, channels, depth, views, detectors)
 
 
 def sparse_view_ct_condition(volume: torch.Tensor, num_views: int) -> torch.Tensor:
