@@ -11,15 +11,12 @@ prediction, L1 loss by default, Adam at 1e-4, an EMA of the weights for sampling
 """
 
 import argparse
-import logging
 import math
 import os
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -34,6 +31,7 @@ from meddiffusers import (
 )
 from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
 from meddiffusers.training.latents import LatentDataset
+from meddiffusers.training.setup import build_accelerator, diffuse
 
 logger = get_logger(__name__)
 
@@ -148,18 +146,7 @@ def validate(args, accelerator, pipeline, regions, step, latent_shape, first_cla
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = build_accelerator(args)
 
     dataset = LatentDataset(args.train_latents)
     regions = dataset.regions
@@ -215,18 +202,8 @@ def main(argv=None):
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
                 latents = batch["latents"]
-                # A generator seeded from (seed, step, rank): a resumed run draws exactly what an uninterrupted one
-                # would, whatever else consumed the global random state in between.
-                generator = torch.Generator(latents.device).manual_seed(
-                    args.seed + 7919 * (micro_step * accelerator.num_processes + accelerator.process_index)
-                )
-                noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-                timesteps = torch.randint(
-                    0, args.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
-                )
+                noisy, noise, timesteps = diffuse(latents, alphas, args.seed, micro_step, accelerator)
                 micro_step += 1
-                scale = alphas[timesteps].view(-1, 1, 1, 1, 1)
-                noisy = scale.sqrt() * latents + (1 - scale).sqrt() * noise
                 prediction = unet(noisy, timesteps, batch["class_labels"]).sample
                 loss_fn = F.l1_loss if args.loss_type == "l1" else F.mse_loss
                 loss = loss_fn(prediction.float(), noise.float())

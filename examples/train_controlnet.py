@@ -12,15 +12,12 @@ of its encoder half with zero convolutions. The result is a `MedDiffusionControl
 """
 
 import argparse
-import logging
 import math
 import os
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from meddiffusers import ControlNet3DModel, MedDiffusionControlNetPipeline, MedDiffusionPipeline, load_nifti
@@ -28,6 +25,7 @@ from meddiffusers.operators import segmentation_condition, sparse_view_ct_condit
 from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
 from meddiffusers.training.data import VolumePreprocessor, read_manifest
 from meddiffusers.training.latents import center_crop_or_pad
+from meddiffusers.training.setup import build_accelerator, diffuse
 
 logger = get_logger(__name__)
 CONDITIONS = ("sparse_view_ct", "undersampled_mri", "mask", "paired")
@@ -101,18 +99,7 @@ class ConditionedVolumes(torch.utils.data.Dataset):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = build_accelerator(args)
 
     base = MedDiffusionPipeline.from_pretrained(args.pretrained_model)
     vqvae, unet = base.vqvae.eval().requires_grad_(False), base.unet.eval().requires_grad_(False)
@@ -132,7 +119,6 @@ def main(argv=None):
     vqvae.to(accelerator.device)
     unet.to(accelerator.device)
     alphas = base.scheduler.alphas_cumprod.to(accelerator.device)
-    train_steps = len(alphas)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_controlnet", config={k: str(v) for k, v in vars(args).items()})
 
@@ -151,16 +137,8 @@ def main(argv=None):
                 latents = vqvae.normalize_latents(vqvae.encode(batch["target"]).latents)
                 control = vqvae.normalize_latents(vqvae.encode(batch["condition"]).latents)
             with accelerator.accumulate(controlnet):
-                generator = torch.Generator(latents.device).manual_seed(
-                    args.seed + 7919 * (micro_step * accelerator.num_processes + accelerator.process_index)
-                )
-                noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-                timesteps = torch.randint(
-                    0, train_steps, (latents.shape[0],), generator=generator, device=latents.device
-                )
+                noisy, noise, timesteps = diffuse(latents, alphas, args.seed, micro_step, accelerator)
                 micro_step += 1
-                scale = alphas[timesteps].view(-1, 1, 1, 1, 1)
-                noisy = scale.sqrt() * latents + (1 - scale).sqrt() * noise
                 residuals = controlnet(noisy, timesteps, batch["class_labels"], controlnet_cond=control)
                 prediction = unet(
                     noisy,

@@ -14,20 +14,18 @@ Losses (reference weights): 4·L1 + 2·tri-plane perceptual (only with local VGG
 """
 
 import argparse
-import logging
 import math
 import os
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from meddiffusers import VQModel3D, save_nifti
 from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
 from meddiffusers.training.data import VolumeDataset, VolumePreprocessor, read_manifest
+from meddiffusers.training.setup import build_accelerator
 from meddiffusers.training.vq_losses import (
     PatchDiscriminator3D,
     build_perceptual_loss,
@@ -113,16 +111,7 @@ def build_model(args) -> VQModel3D:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = build_accelerator(args)
 
     vqvae = build_model(args)
     if args.gradient_checkpointing:
