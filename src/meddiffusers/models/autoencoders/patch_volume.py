@@ -70,14 +70,12 @@ def resample_levels(widths, num_resamplings, resampler_cls, norm_num_groups, nor
 
 
 class _BlockStack(nn.Module):
-    """`conv_in`, then `ordered_blocks()` (each optionally gradient-checkpointed), then norm, SiLU and `conv_out`."""
+    """`conv_in`, then the subclass's `ordered_blocks()` (each optionally gradient-checkpointed), then norm, SiLU and
+    `conv_out`."""
 
     def __init__(self):
         super().__init__()
         self.gradient_checkpointing = False
-
-    def ordered_blocks(self) -> list[nn.Module]:
-        raise NotImplementedError
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         hidden_states = self.conv_in(sample)
