@@ -73,21 +73,7 @@ class ControlNet3DModel(ModelMixin, ConfigMixin, BiFlowNetEncoderMixin):
         conv_in_kernel: int = 3,
     ):
         super().__init__()
-        _, _, widths, levels = self._build_encoder(
-            in_channels + conditioning_channels,
-            base_channels,
-            channel_mults,
-            [bool(a) for a in attention_levels],
-            num_class_embeds,
-            attention_heads,
-            attention_head_dim,
-            norm_num_groups,
-            dit_patch_size,
-            dit_num_heads,
-            dit_mlp_ratio,
-            sub_volume_size,
-            conv_in_kernel,
-        )
+        _, _, widths, levels = self._build_encoder(in_channels + conditioning_channels)
         self.controlnet_down_blocks = nn.ModuleList([zero_conv(level_out) for _, level_out in levels])
         self.controlnet_mid_block = zero_conv(widths[-1])
         self.gradient_checkpointing = False

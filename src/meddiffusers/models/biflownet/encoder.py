@@ -29,23 +29,12 @@ class EncoderState:
 class BiFlowNetEncoderMixin:
     """Builds and runs the encoder half of BiFlowNet; the host class provides `config` and `gradient_checkpointing`."""
 
-    def _build_encoder(
-        self,
-        in_channels,
-        base_channels,
-        channel_mults,
-        attention_levels,
-        num_class_embeds,
-        attention_heads,
-        attention_head_dim,
-        norm_num_groups,
-        dit_patch_size,
-        dit_num_heads,
-        dit_mlp_ratio,
-        sub_volume_size,
-        conv_in_kernel,
-    ):
-        channel_mults, attention_levels = list(channel_mults), [bool(a) for a in attention_levels]
+    def _build_encoder(self, in_channels: int):
+        """Create the encoder-half modules from `self.config`; `in_channels` is what `conv_in` and the DiT see."""
+        config = self.config
+        channel_mults, attention_levels = list(config.channel_mults), [bool(a) for a in config.attention_levels]
+        base_channels, norm_num_groups = config.base_channels, config.norm_num_groups
+        dit_patch_size, sub_volume_size = config.dit_patch_size, config.sub_volume_size
         if len(attention_levels) != len(channel_mults):
             raise ValueError(
                 f"`attention_levels` needs one flag per level: {len(channel_mults)} levels, got {attention_levels}."
@@ -67,19 +56,21 @@ class BiFlowNetEncoderMixin:
             raise ValueError("The first level must keep the base width (channel_mults[0] == 1) for the DiT fusion.")
 
         self.time_embedding = TwoLayerEmbedding(dim, 4 * dim, activation="gelu")
-        self.class_embedding = nn.Embedding(num_class_embeds, 4 * dim) if num_class_embeds else None
+        num_classes = config.num_class_embeds
+        self.class_embedding = nn.Embedding(num_classes, 4 * dim) if num_classes else None
         self.resolution_embedding = TwoLayerEmbedding(3, 4 * dim, activation="silu")
 
         tokens_per_side = sub_volume_size // dit_patch_size
         self.patch_embed = nn.Conv3d(in_channels, dim, kernel_size=dit_patch_size, stride=dit_patch_size)
         self.pos_embed = nn.Parameter(sincos_position_embedding_3d(dim, tokens_per_side)[None], requires_grad=False)
-        dit = dict(dim=dim, heads=dit_num_heads, mlp_ratio=dit_mlp_ratio, cond_dim=cond_dim)
+        dit = dict(dim=dim, heads=config.dit_num_heads, mlp_ratio=config.dit_mlp_ratio, cond_dim=cond_dim)
         self.dit_input_stages = nn.ModuleList(
             [DiTStage(**dit, patch_size=dit_patch_size) for _ in range(self.num_fusion_levels)]
         )
 
-        self.conv_in = nn.Conv3d(in_channels, dim, kernel_size=conv_in_kernel, padding=conv_in_kernel // 2)
-        attention = dict(heads=attention_heads, head_dim=attention_head_dim)
+        kernel = config.conv_in_kernel
+        self.conv_in = nn.Conv3d(in_channels, dim, kernel_size=kernel, padding=kernel // 2)
+        attention = dict(heads=config.attention_heads, head_dim=config.attention_head_dim)
         self.down_blocks = nn.ModuleList()
         for index, (level_in, level_out) in enumerate(levels):
             downsamples = self.num_fusion_levels - 1 <= index < len(levels) - 1

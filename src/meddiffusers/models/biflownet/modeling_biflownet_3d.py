@@ -87,21 +87,7 @@ class BiFlowNet3DModel(ModelMixin, ConfigMixin, BiFlowNetEncoderMixin):
     ):
         super().__init__()
         attention_levels = [bool(a) for a in attention_levels]
-        dim, cond_dim, widths, levels = self._build_encoder(
-            in_channels,
-            base_channels,
-            channel_mults,
-            attention_levels,
-            num_class_embeds,
-            attention_heads,
-            attention_head_dim,
-            norm_num_groups,
-            dit_patch_size,
-            dit_num_heads,
-            dit_mlp_ratio,
-            sub_volume_size,
-            conv_in_kernel,
-        )
+        dim, cond_dim, widths, levels = self._build_encoder(in_channels)
         dit = dict(dim=dim, heads=dit_num_heads, mlp_ratio=dit_mlp_ratio, cond_dim=cond_dim)
         self.dit_mid_blocks = nn.ModuleList([DiTBlock3D(**dit) for _ in range(num_mid_dit_blocks)])
         self.dit_output_stages = nn.ModuleList(

@@ -174,18 +174,9 @@ class MedDiffusionPipeline(DiffusionPipeline):
         Returns:
             [`MedDiffusionPipelineOutput`] with the volumes, their affines and region names (or a tuple of those).
         """
-        return self._generate(
-            region,
-            num_inference_steps,
-            generator,
-            num_volumes_per_region,
-            volume_size,
-            latents,
-            output_type,
-            return_dict,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        arguments = dict(locals())
+        del arguments["self"]
+        return self._generate(**arguments)
 
     def _predict_noise(self, sample, timestep, class_labels, control=None) -> torch.Tensor:
         """The denoiser's noise prediction (the ControlNet pipeline adds its residuals here)."""
@@ -205,6 +196,7 @@ class MedDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs,
         control=None,
     ):
+        """The generation loop behind `__call__`; `control` carries the ControlNet pipeline's inputs."""
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]

@@ -120,23 +120,14 @@ class MedDiffusionControlNetPipeline(MedDiffusionPipeline):
             controlnet_conditioning_scale: Multiplies the ControlNet residuals (0 gives the unconditional model).
             Other arguments: as [`MedDiffusionPipeline.__call__`]; the volume size is the condition's.
         """
+        arguments = dict(locals())
+        for name in ("self", "condition", "controlnet_conditioning_scale"):
+            del arguments[name]
         if condition is None:
             raise ValueError("`condition` is required; use MedDiffusionPipeline for unconditional generation.")
         requested = region if isinstance(region, list | tuple) else [region]
         regions = [self.get_region(name) for name in requested for _ in range(num_volumes_per_region)]
         control_latents = self.prepare_condition(condition, regions, len(regions))
-        volume_size = tuple(side * self.vqvae_factor for side in control_latents.shape[2:])
+        arguments["volume_size"] = tuple(side * self.vqvae_factor for side in control_latents.shape[2:])
         control = {"latents": control_latents, "scale": controlnet_conditioning_scale}
-        return self._generate(
-            region,
-            num_inference_steps,
-            generator,
-            num_volumes_per_region,
-            volume_size,
-            latents,
-            output_type,
-            return_dict,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            control=control,
-        )
+        return self._generate(**arguments, control=control)
