@@ -18,7 +18,7 @@ from measure import peak_memory_gib, reset_peak_memory, run_worker, timed
 RELEASED = {"8x": {"block_out_channels": (48, 96, 192)}, "4x": {"block_out_channels": (48, 96)}}
 
 
-def measure(config: str, size: int, mode: str, device: str, dtype: str, tile: int, overlap: int) -> dict:
+def measure(config: str, size: int, mode: str, device: str, dtype: str, tile: int, overlap: int, blend: str) -> dict:
     """Run one encode or decode of a `size`³ volume and return its time and peak memory."""
     import torch
 
@@ -39,7 +39,7 @@ def measure(config: str, size: int, mode: str, device: str, dtype: str, tile: in
                 1, 8, size // factor, size // factor, size // factor, device=device, dtype=torch_dtype
             )
             if mode == "decode_tiled":
-                model.enable_tiling(tile_latent_size=tile, tile_latent_overlap=overlap)
+                model.enable_tiling(tile_latent_size=tile, tile_latent_overlap=overlap, mode=blend)
             run = lambda: model.decode(latents).sample  # noqa: E731
         reset_peak_memory(device)
         seconds, _ = timed(run, device)
@@ -56,12 +56,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--tile", type=int, default=16, help="Latent tile side for decode_tiled.")
     parser.add_argument("--overlap", type=int, default=4, help="Latent tile overlap for decode_tiled.")
+    parser.add_argument("--blend", choices=["constant", "gaussian"], default="constant", help="Tile blending.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         size, mode = args.sizes[0], args.modes[0]
-        print(json.dumps(measure(args.config, size, mode, args.device, args.dtype, args.tile, args.overlap)))
+        row = measure(args.config, size, mode, args.device, args.dtype, args.tile, args.overlap, args.blend)
+        print(json.dumps(row))
         return
 
     import torch
@@ -75,13 +77,14 @@ def main() -> None:
         for mode in args.modes:
             arguments = ["--sizes", str(size), "--modes", mode, "--config", args.config, "--device", args.device]
             arguments += ["--dtype", args.dtype, "--tile", str(args.tile), "--overlap", str(args.overlap)]
+            arguments += ["--blend", args.blend]
             row = run_worker(__file__, arguments)
             if isinstance(row, str):
                 print(f"| {args.config} | {size}³ | {mode} | failed: {row} | |", flush=True)
                 continue
             label = mode
             if mode == "decode_tiled":
-                label = f"decode tiled ({args.tile}³ latent tiles, overlap {args.overlap})"
+                label = f"decode tiled ({args.tile}³ latent tiles, overlap {args.overlap}, {args.blend} blend)"
             print(f"| {row['config']} | {size}³ | {label} | {row['seconds']} | {row['peak_gib']} |", flush=True)
 
 

@@ -10,13 +10,13 @@ latents so the trained pipeline carries the same names.
 
 import argparse
 import json
-import os
 
 import torch
 
-from meddiffusers import VQModel3D, meddiffusion_regions
+from meddiffusers import meddiffusion_regions
 from meddiffusers.io import RegionRegistry
-from meddiffusers.training.data import VolumePreprocessor, read_manifest
+from meddiffusers.models.autoencoders import load_vq_model
+from meddiffusers.training.data import AUGMENTATIONS, VolumePreprocessor, read_manifest
 from meddiffusers.training.latents import encode_manifest, save_latent_dataset
 
 
@@ -31,18 +31,18 @@ def parse_args(argv=None):
     parser.add_argument("--intensity", default="percentile", help="percentile, a CT window name, or ct:<min>:<max>.")
     parser.add_argument("--spacing", type=float, nargs=3, default=None, help="Resample to this (D, H, W) spacing.")
     parser.add_argument("--volume_size", type=int, nargs=3, default=None, help="Centre crop/pad to (D, H, W).")
-    parser.add_argument("--augment_copies", type=int, default=0, help="Also encode N flipped/rotated copies.")
+    parser.add_argument("--augment_copies", type=int, default=0, help="Also encode N augmented copies per volume.")
+    parser.add_argument(
+        "--augmentation",
+        choices=list(AUGMENTATIONS),
+        default="reference",
+        help="Augmentation of the copies: reference (random H/W flips and rot90, several in-plane orientations), "
+        "lr_flip (left-right flips only) or none. Use lr_flip or none for a model that must generate anatomically "
+        "oriented volumes.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     return parser.parse_args(argv)
-
-
-def load_vqvae(path: str) -> VQModel3D:
-    if os.path.isfile(path):
-        return VQModel3D.from_single_file(path)
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        return VQModel3D.from_pretrained(path, subfolder="vqvae")
-    return VQModel3D.from_pretrained(path)
 
 
 def main(argv=None):
@@ -53,10 +53,17 @@ def main(argv=None):
     else:
         regions = meddiffusion_regions()
     manifest = read_manifest(args.train_data, regions)
-    vqvae = load_vqvae(args.pretrained_vqvae).to(args.device).eval()
+    vqvae = load_vq_model(args.pretrained_vqvae).to(args.device).eval()
     preprocessor = VolumePreprocessor(args.intensity, tuple(args.spacing) if args.spacing else None)
     columns = encode_manifest(
-        vqvae, manifest, preprocessor, args.volume_size, args.device, args.augment_copies, args.seed
+        vqvae,
+        manifest,
+        preprocessor,
+        args.volume_size,
+        args.device,
+        args.augment_copies,
+        args.seed,
+        augmentation=args.augmentation,
     )
     save_latent_dataset(columns, regions, args.output_dir)
     shapes = sorted({tuple(shape) for shape in columns["shape"]})

@@ -26,9 +26,9 @@ from meddiffusers import (
     BiFlowNet3DModel,
     MedDiffusionDDIMScheduler,
     MedDiffusionPipeline,
-    VQModel3D,
     meddiffusion_cosine_betas,
 )
+from meddiffusers.models.autoencoders import load_vq_model
 from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
 from meddiffusers.training.latents import LatentDataset
 from meddiffusers.training.setup import build_accelerator, diffuse
@@ -39,7 +39,11 @@ logger = get_logger(__name__)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train_latents", required=True, help="Folder written by examples/cache_latents.py.")
-    p.add_argument("--pretrained_vqvae", required=True, help="VQModel3D folder (or pipeline folder) for the pipeline.")
+    p.add_argument(
+        "--pretrained_vqvae",
+        required=True,
+        help="VQModel3D folder, pipeline folder, original .ckpt or Hub id: the pipeline's autoencoder.",
+    )
     p.add_argument("--output_dir", required=True, help="Checkpoints, validation volumes and the final pipeline.")
     p.add_argument("--resume_unet", default=None, help="Start from this BiFlowNet3DModel folder instead of scratch.")
     # architecture (defaults: the released 8x model)
@@ -107,12 +111,6 @@ def build_unet(args, in_channels, num_classes):
         dit_num_heads=args.dit_num_heads,
         dit_patch_size=args.dit_patch_size,
     )
-
-
-def load_vqvae(path):
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        return VQModel3D.from_pretrained(path, subfolder="vqvae")
-    return VQModel3D.from_pretrained(path)
 
 
 def build_pipeline(accelerator, unet, ema, vqvae, regions):
@@ -226,7 +224,7 @@ def main(argv=None):
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                vqvae = load_vqvae(args.pretrained_vqvae).to(accelerator.device)
+                vqvae = load_vq_model(args.pretrained_vqvae).to(accelerator.device)
                 pipeline = build_pipeline(accelerator, unet, ema, vqvae, regions).to(accelerator.device)
                 validate(args, accelerator, pipeline, regions, global_step, first.shape, dataset[0]["class_labels"])
             if global_step >= args.max_train_steps:
@@ -236,7 +234,7 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        pipeline = build_pipeline(accelerator, unet, ema, load_vqvae(args.pretrained_vqvae), regions)
+        pipeline = build_pipeline(accelerator, unet, ema, load_vq_model(args.pretrained_vqvae), regions)
         pipeline.save_pretrained(os.path.join(args.output_dir, "pipeline"))
         logger.info(f"Saved the pipeline to {os.path.join(args.output_dir, 'pipeline')}")
         if args.push_to_hub:

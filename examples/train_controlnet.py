@@ -24,8 +24,8 @@ from meddiffusers import ControlNet3DModel, MedDiffusionControlNetPipeline, MedD
 from meddiffusers.operators import segmentation_condition, sparse_view_ct_condition, undersampled_mri_condition
 from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
 from meddiffusers.training.data import VolumePreprocessor, read_manifest
-from meddiffusers.training.latents import center_crop_or_pad
 from meddiffusers.training.setup import build_accelerator, diffuse
+from meddiffusers.utils import center_crop_or_pad
 
 logger = get_logger(__name__)
 CONDITIONS = ("sparse_view_ct", "undersampled_mri", "mask", "paired")

@@ -23,6 +23,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from meddiffusers import VQModel3D, save_nifti
+from meddiffusers.models.autoencoders import load_vq_model
 from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
 from meddiffusers.training.data import VolumeDataset, VolumePreprocessor, read_manifest
 from meddiffusers.training.setup import build_accelerator
@@ -46,7 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--stage", choices=["patch", "joint"], required=True)
     p.add_argument("--train_data", required=True, help="Manifest (JSON or CSV) of NIfTI volumes.")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--pretrained_vqvae", default=None, help="Start from this VQModel3D folder (required for joint).")
+    p.add_argument(
+        "--pretrained_vqvae",
+        default=None,
+        help="Start from this VQModel3D folder, pipeline folder, original .ckpt or Hub id (required for joint).",
+    )
     # architecture of a new model (defaults: the released 8x autoencoder)
     p.add_argument("--block_out_channels", type=int, nargs="+", default=[48, 96, 192])
     p.add_argument("--latent_channels", type=int, default=8)
@@ -94,8 +99,7 @@ def parse_args(argv=None):
 
 def build_model(args) -> VQModel3D:
     if args.pretrained_vqvae:
-        subfolder = "vqvae" if os.path.isfile(os.path.join(args.pretrained_vqvae, "model_index.json")) else None
-        return VQModel3D.from_pretrained(args.pretrained_vqvae, subfolder=subfolder)
+        return load_vq_model(args.pretrained_vqvae)
     model = VQModel3D(
         block_out_channels=args.block_out_channels,
         latent_channels=args.latent_channels,

@@ -134,3 +134,33 @@ def test_controlnet_conversion_gives_a_controlnet_pipeline(tmp_path):
     assert volumes.shape == (1, 1, *VOLUME) and torch.isfinite(volumes).all()
     alone = convert(str(tmp_path / "alone"), controlnet_checkpoint=str(controlnet), original_config=str(UNET_CONFIG))
     assert alone.components == ["controlnet"]
+
+
+def test_each_checkpoint_is_read_once_and_the_report_is_the_loaders_key_report(tmp_path, monkeypatch):
+    from meddiffusers import BiFlowNet3DModel, ControlNet3DModel, load_original_model
+
+    controlnet = FIXTURES / "controlnet_tiny" / "controlnet_tiny.pt"
+    expected = {
+        "vqvae": load_original_model(VQModel3D, VQVAE)[1],
+        "unet": load_original_model(BiFlowNet3DModel, UNET, original_config=UNET_CONFIG)[1],
+        "controlnet": load_original_model(ControlNet3DModel, controlnet, original_config=UNET_CONFIG)[1],
+    }
+    reads = []
+    original_load = torch.load
+
+    def counting_load(path, *args, **kwargs):
+        reads.append(os.fspath(path))
+        return original_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    report = convert_tiny(tmp_path / "out", controlnet_checkpoint=str(controlnet))
+    assert sorted(reads) == sorted([str(VQVAE), str(UNET), str(controlnet)])
+    for name, key_report in expected.items():
+        assert report.mapped[name] == key_report.mapped and report.dropped[name] == key_report.dropped
+    assert ("init_conv.weight", "conv_in.weight") in report.mapped["unet"]
+    assert report.dropped["unet"] == ["args", "epoch", "model", "opt", "scaler"]
+    assert report.dropped["controlnet"] == []
+    assert (
+        report.dropped["vqvae"][0].startswith("volume_discriminator.")
+        and "optimizer_states" in report.dropped["vqvae"]
+    )

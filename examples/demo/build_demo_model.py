@@ -4,16 +4,21 @@
         --output_dir src/meddiffusers/demo/meddiffusion-demo
 
 Data (redistribution allowed, attribution in the model card): an Apache-2.0 T1-weighted MRI head slab from the
-Insight Toolkit examples and a BSD-3 CT chest from the pyradiomics test data. Both are resampled to coarse voxels
-(32 x 64 x 64) so that the whole recipe runs on a laptop CPU in minutes. The result is a demonstration of the
-recipe, not a clinical or research-grade model.
+Insight Toolkit examples (stored LSA) and a BSD-3 CT chest from the pyradiomics test data (stored LPS). Both are
+reoriented to RAS+ (so the tensor D axis runs inferior -> superior and a D slice is axial, H left -> right, W
+posterior -> anterior), resampled to coarse voxels that make the 32 x 64 x 64 grid cover the anatomy, and centred in
+it, so that the whole recipe runs on a laptop CPU in minutes. The latents are cached without augmentation, so the
+model only ever sees the anatomy in its true orientation. The result is a demonstration of the recipe, not a
+clinical or research-grade model.
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +28,11 @@ from meddiffusers.io import affine_from_tensor_spacing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.dirname(HERE)
+# (file, (D, H, W) spacing in mm of the RAS+ tensor). The MR head slab is 256 mm S-I x 256 mm R-L x 186 mm A-P once
+# canonical: 8 mm x 32 and 4 mm x 64 cover it (the A-P extent, 46 voxels, is centred and padded). The CT chest is
+# 240 mm S-I x 292 mm x 292 mm: 7.5 mm x 32 and 4.5625 mm x 64.
 SOURCES = {
-    "MRBrainT1": ("mr_t1_itk_kmeanstest.nii.gz", (6.0, 4.0, 4.0)),
+    "MRBrainT1": ("mr_t1_itk_kmeanstest.nii.gz", (8.0, 4.0, 4.0)),
     "CTChestAbdomen": ("ct_chest_pyradiomics_lung1.nii.gz", (7.5, 4.5625, 4.5625)),
 }
 SIZE = (32, 64, 64)
@@ -34,34 +42,63 @@ REGIONS = [
         "class_id": 0,
         "aliases": ["MRBrain", "MRT1Brain", "BrainT1"],
         "volume_size": list(SIZE),
-        "spacing": [6.0, 4.0, 4.0],
-        "description": "T1-weighted MRI of the head (demo, coarse voxels)",
+        "spacing": list(SOURCES["MRBrainT1"][1]),
+        "description": "T1-weighted MRI of the head (demo, coarse voxels, RAS+)",
     },
     {
         "name": "CTChestAbdomen",
         "class_id": 1,
         "aliases": ["CTChest", "CTThorax"],
         "volume_size": list(SIZE),
-        "spacing": [7.5, 4.5625, 4.5625],
-        "description": "CT of the chest (demo, coarse voxels)",
+        "spacing": list(SOURCES["CTChestAbdomen"][1]),
+        "description": "CT of the chest (demo, coarse voxels, RAS+)",
     },
 ]
 
 
+def canonical_demo_volume(path, spacing, size=SIZE) -> torch.Tensor:
+    """A source volume as the demo model sees it: `(1, 1, D, H, W)` in RAS+ (D inferior -> superior, H left ->
+    right, W posterior -> anterior), resampled to `spacing` and centred (cropped / padded with its minimum) in
+    `size`. Scanner intensities are kept; training scales them per volume."""
+    volume = load_nifti(path, canonical=True)
+    grid = [round(n * s / t) for n, s, t in zip(volume.tensor.shape[2:], volume.spacing, spacing)]
+    tensor = F.interpolate(volume.tensor.float(), size=grid, mode="trilinear", align_corners=False)
+    background = float(tensor.min())
+    for axis, want in enumerate(size, start=2):
+        have = tensor.shape[axis]
+        if have > want:
+            tensor = tensor.narrow(axis, (have - want) // 2, want)
+        elif have < want:
+            before = (want - have) // 2
+            pads = [0, 0] * (4 - axis) + [before, want - have - before]
+            tensor = F.pad(tensor, pads, value=background)
+    return tensor
+
+
 def resample(path, spacing, target):
-    volume = load_nifti(path)
-    size = [round(n * s / t) for n, s, t in zip(volume.tensor.shape[2:], volume.spacing, spacing)]
-    tensor = F.interpolate(volume.tensor.float(), size=size, mode="trilinear", align_corners=False)
-    pads = []
-    for have, want in zip(reversed(tensor.shape[2:]), reversed(SIZE)):
-        pads += [0, max(want - have, 0)]
-    tensor = F.pad(tensor, pads, value=float(tensor.min()))[:, :, : SIZE[0], : SIZE[1], : SIZE[2]]
-    save_nifti(tensor, target, affine=affine_from_tensor_spacing(spacing))
+    """Write the canonical, resampled demo volume of `path` to `target` with a diagonal (RAS+) affine."""
+    save_nifti(canonical_demo_volume(path, spacing), target, affine=affine_from_tensor_spacing(spacing))
+
+
+def strip_machine_paths(folder):
+    """Drop `_name_or_path` (the absolute path of the build folder) from every config written under `folder`."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8") as handle:
+                config = json.load(handle)
+            if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def run(*args):
     print("+", " ".join(map(str, args)), flush=True)
+    start = time.perf_counter()
     subprocess.run([sys.executable, *map(str, args)], check=True)
+    print(f"= {os.path.basename(str(args[0]))} took {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def main():
@@ -73,6 +110,7 @@ def main():
     parser.add_argument("--joint_steps", type=int, default=300)
     parser.add_argument("--unet_steps", type=int, default=3000)
     args = parser.parse_args()
+    started = time.perf_counter()
     os.makedirs(args.work_dir, exist_ok=True)
     rows = []
     for region, (name, spacing) in SOURCES.items():
@@ -157,8 +195,10 @@ def main():
         regions,
         "--volume_size",
         *SIZE,
+        "--augmentation",
+        "none",
         "--augment_copies",
-        15,
+        0,
     )
     run(
         f"{EXAMPLES}/train_biflownet.py",
@@ -191,7 +231,7 @@ def main():
         "--max_train_steps",
         args.unet_steps,
         "--train_batch_size",
-        4,
+        2,
         "--learning_rate",
         3e-4,
         "--loss_type",
@@ -205,11 +245,10 @@ def main():
         "none",
     )
     if os.path.isdir(args.output_dir):
-        import shutil
-
         shutil.rmtree(args.output_dir)
-    os.replace(f"{work}/unet/pipeline", args.output_dir)
-    print(f"demo pipeline written to {args.output_dir}")
+    shutil.copytree(f"{work}/unet/pipeline", args.output_dir)
+    strip_machine_paths(args.output_dir)
+    print(f"demo pipeline written to {args.output_dir} in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

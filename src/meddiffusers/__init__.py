@@ -16,12 +16,13 @@ from .io import (
     meddiffusion_regions,
     save_nifti,
 )
-from .loaders import load_original_checkpoint
+from .loaders import FromOriginalCheckpointMixin, KeyReport, load_original_checkpoint, load_original_model
 from .models import (
     BiFlowNet3DModel,
     BiFlowNet3DOutput,
     ControlNet3DModel,
     ControlNet3DOutput,
+    ResidualVolumeAttention,
     VectorQuantizer3D,
     VectorQuantizer3DOutput,
     VolumeAttention,
@@ -42,7 +43,9 @@ __all__ = [
     "ControlNet3DModel",
     "ControlNet3DOutput",
     "DiffusionPipeline",
+    "FromOriginalCheckpointMixin",
     "HUWindow",
+    "KeyReport",
     "MedDiffusionControlNetPipeline",
     "MedDiffusionDDIMScheduler",
     "MedDiffusionPipeline",
@@ -52,6 +55,7 @@ __all__ = [
     "PercentileScaling",
     "Region",
     "RegionRegistry",
+    "ResidualVolumeAttention",
     "SchedulerMixin",
     "VQModel3D",
     "VQModel3DEncoderOutput",
@@ -62,6 +66,7 @@ __all__ = [
     "VolumeXFormersAttnProcessor",
     "load_nifti",
     "load_original_checkpoint",
+    "load_original_model",
     "meddiffusion_cosine_betas",
     "meddiffusion_regions",
     "save_nifti",

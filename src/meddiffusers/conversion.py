@@ -25,12 +25,21 @@ RELEASED_PAIRS = {8: 1, 4: 2}
 
 @dataclass
 class ConversionReport:
-    """What a conversion wrote and which source weights it mapped or dropped."""
+    """What a conversion wrote and, per component, which source weights it mapped or dropped.
+
+    `mapped[name]` and `dropped[name]` are the `mapped` and `dropped` lists of the component's
+    [`~loaders.single_file.KeyReport`].
+    """
 
     output_dir: str
     components: list[str] = field(default_factory=list)
     mapped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     dropped: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, name: str, key_report) -> None:
+        """Record the key report of component `name`."""
+        self.mapped[name] = list(key_report.mapped)
+        self.dropped[name] = list(key_report.dropped)
 
 
 def _cast(model, dtype: torch.dtype):
@@ -135,10 +144,7 @@ def convert(
         A [`ConversionReport`].
     """
     from .io.regions import RegionRegistry, meddiffusion_regions
-    from .loaders.original_biflownet_checkpoint import rename_biflownet_key
-    from .loaders.original_controlnet_checkpoint import rename_controlnet_key
-    from .loaders.original_patch_volume import LOSS_ONLY_PREFIXES, rename_patch_volume_key
-    from .loaders.safe_unpickle import load_original_checkpoint
+    from .loaders.single_file import load_original_model
     from .models import BiFlowNet3DModel, ControlNet3DModel, VQModel3D
     from .pipelines import MedDiffusionControlNetPipeline, MedDiffusionPipeline
     from .schedulers import MedDiffusionDDIMScheduler
@@ -157,22 +163,18 @@ def convert(
     report = ConversionReport(output_dir=os.path.abspath(output_dir))
     vqvae = unet = controlnet = None
     if vqvae_checkpoint:
-        vqvae = VQModel3D.from_single_file(vqvae_checkpoint, original_config=vqvae_cfg)
-        state_dict = load_original_checkpoint(vqvae_checkpoint).get("state_dict", {})
-        report.dropped["vqvae"] = [k for k in state_dict if k.startswith(LOSS_ONLY_PREFIXES)]
-        report.mapped["vqvae"] = [
-            (k, rename_patch_volume_key(k)) for k in state_dict if k not in report.dropped["vqvae"]
-        ]
+        vqvae, key_report = load_original_model(VQModel3D, vqvae_checkpoint, original_config=vqvae_cfg)
+        report.add("vqvae", key_report)
     if unet_checkpoint:
-        unet = BiFlowNet3DModel.from_single_file(unet_checkpoint, original_config=unet_kwargs, use_ema=use_ema)
-        checkpoint = load_original_checkpoint(unet_checkpoint)
-        used = "ema" if use_ema else "model"
-        report.mapped["unet"] = [(k, rename_biflownet_key(k)) for k in checkpoint[used]]
-        report.dropped["unet"] = sorted(k for k in checkpoint if k != used)
+        unet, key_report = load_original_model(
+            BiFlowNet3DModel, unet_checkpoint, original_config=unet_kwargs, use_ema=use_ema
+        )
+        report.add("unet", key_report)
     if controlnet_checkpoint:
-        controlnet = ControlNet3DModel.from_single_file(controlnet_checkpoint, original_config=unet_kwargs)
-        state_dict = load_original_checkpoint(controlnet_checkpoint)["model"]
-        report.mapped["controlnet"] = [(k, rename_controlnet_key(k)) for k in state_dict]
+        controlnet, key_report = load_original_model(
+            ControlNet3DModel, controlnet_checkpoint, original_config=unet_kwargs
+        )
+        report.add("controlnet", key_report)
         if unet is not None:
             shared = ("in_channels", "base_channels", "channel_mults", "attention_levels", "dit_patch_size")
             different = [

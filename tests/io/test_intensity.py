@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from meddiffusers import HUWindow, PercentileScaling, load_nifti
-from tests.conftest import shared_volume
+from tests.conftest import CT_CHEST_CROP, EXAMPLE_VOLUME, shared_volume
 
 
 def test_percentile_scaling_maps_percentiles_to_unit_range():
@@ -52,8 +52,19 @@ def test_hu_window_constructors():
         HUWindow(100, 100)
 
 
-def test_real_ct_to_model_space_and_back():
-    volume = load_nifti(shared_volume("ct_head_invesalius_cranium.nii.gz"))
+@pytest.mark.parametrize(
+    "volume",
+    [
+        lambda: CT_CHEST_CROP,
+        lambda: shared_volume(
+            "ct_head_invesalius_cranium.nii.gz", "it is GPL-2 licensed, so it cannot ship with the Apache-2.0 tests"
+        ),
+    ],
+    ids=["ct-chest-shipped", "ct-head-shared"],
+)
+def test_real_ct_to_model_space_and_back(volume):
+    volume = load_nifti(volume())
+    assert volume.tensor.min() < -1000 and volume.tensor.max() > 1000  # air and bone in Hounsfield units
     window = HUWindow.preset("wide")
     scaled = window(volume.tensor)
     assert scaled.min() >= -1 and scaled.max() <= 1
@@ -64,7 +75,7 @@ def test_real_ct_to_model_space_and_back():
 
 
 def test_real_mri_percentile_scaling():
-    volume = load_nifti(shared_volume("mr_t1_itk_kmeanstest.nii.gz"))
+    volume = load_nifti(EXAMPLE_VOLUME)
     scaled = PercentileScaling()(volume.tensor)
     assert scaled.min() == -1 and scaled.max() == 1
     assert ((scaled > -1) & (scaled < 1)).float().mean() > 0.15  # the head, not the air around it

@@ -7,7 +7,7 @@ import torch
 
 from meddiffusers import NiftiVolume, load_nifti, save_nifti
 from meddiffusers.io import affine_from_tensor_spacing, tensor_spacing_from_affine
-from tests.conftest import shared_volume
+from tests.conftest import CT_CHEST_CROP, EXAMPLE_VOLUME, MR_BRAIN_CROP, shared_volume
 
 # Left-Posterior-Superior axes with anisotropic voxels (0.7 x 0.8 x 2.5 mm) and a small obliquity.
 LPS_ANISOTROPIC = np.array(
@@ -102,6 +102,29 @@ def test_saving_a_plain_tensor_with_spacing(tmp_path):
     np.testing.assert_array_equal(image.get_fdata(dtype=np.float32), tensor[0, 0].numpy().transpose(1, 2, 0))
 
 
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("half.nii.gz", lambda data: data[: len(data) // 2]),  # a download cut short
+        ("header_only.nii.gz", lambda data: data[:200]),
+        ("zeroed.nii.gz", lambda data: data[:5000] + bytes(100) + data[5100:]),  # damaged compressed stream
+    ],
+)
+def test_truncated_or_corrupt_files_raise_a_value_error_naming_the_file(tmp_path, name, damage):
+    damaged = tmp_path / name
+    damaged.write_bytes(damage(EXAMPLE_VOLUME.read_bytes()))
+    with pytest.raises(ValueError, match=rf"Could not read '{damaged}' as NIfTI.*truncated or corrupt"):
+        load_nifti(damaged)
+
+
+def test_truncated_uncompressed_file_raises_a_value_error(tmp_path):
+    nib.save(nib.load(EXAMPLE_VOLUME), tmp_path / "full.nii")
+    data = (tmp_path / "full.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.nii' as NIfTI \(OSError: Expected \d+ bytes, got \d+ bytes"):
+        load_nifti(tmp_path / "cut.nii", canonical=True)
+
+
 def test_bad_files_and_shapes_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_nifti(tmp_path / "absent.nii.gz")
@@ -114,17 +137,24 @@ def test_bad_files_and_shapes_get_clear_errors(tmp_path):
         save_nifti(torch.zeros(2, 1, 3, 3, 3), tmp_path / "batch.nii.gz")
 
 
+def invesalius_ct_head():
+    return shared_volume(
+        "ct_head_invesalius_cranium.nii.gz", "it is GPL-2 licensed, so it cannot ship with the Apache-2.0 tests"
+    )
+
+
 @pytest.mark.parametrize(
-    ("name", "orientation"),
+    ("volume", "orientation"),
     [
-        ("ct_chest_pyradiomics_lung1.nii.gz", ("L", "P", "S")),
-        ("mr_brain_pyradiomics_brain1.nii.gz", ("L", "A", "S")),
-        ("mr_t1_itk_kmeanstest.nii.gz", ("L", "S", "A")),
-        ("ct_head_invesalius_cranium.nii.gz", ("R", "A", "S")),
+        (lambda: CT_CHEST_CROP, ("L", "P", "S")),
+        (lambda: MR_BRAIN_CROP, ("L", "A", "S")),
+        (lambda: EXAMPLE_VOLUME, ("L", "S", "A")),
+        (invesalius_ct_head, ("R", "A", "S")),
     ],
+    ids=["ct-chest-lps", "mr-brain-las", "mr-t1-lsa", "ct-head-ras"],
 )
-def test_real_volumes_round_trip_exactly(name, orientation, tmp_path):
-    path = shared_volume(name)
+def test_real_volumes_round_trip_exactly(volume, orientation, tmp_path):
+    path = volume()
     first, _ = assert_round_trip_exact(path, tmp_path)
     stored = nib.load(path)
     x, y, z = stored.shape[:3]

@@ -145,17 +145,51 @@ def test_tiled_decode_is_close_to_full_decode():
         full = model.decode(latents).sample
         model.enable_tiling(tile_latent_size=8, tile_latent_overlap=2)
         tiled = model.decode(latents).sample
+        gaussian = model.tiled_decode(latents, mode="gaussian")
         sliding = model.sliding_decode(latents, tile_latent_size=8)
-    assert tiled.shape == full.shape == x.shape
+    assert tiled.shape == full.shape == gaussian.shape == x.shape
     tiled_error = (tiled - full).abs()
+    gaussian_error = (gaussian - full).abs()
     sliding_error = (sliding - full).abs()
     print(
-        f"tiled vs full decode: max abs {tiled_error.max():.4f}, mean abs {tiled_error.mean():.4f}; "
+        f"tiled vs full decode: max abs {tiled_error.max():.4f}, mean abs {tiled_error.mean():.4f} (constant blend, "
+        f"the default); gaussian blend: max abs {gaussian_error.max():.4f}, mean abs {gaussian_error.mean():.4f}; "
         f"non-overlapping sliding decode: max abs {sliding_error.max():.4f}, mean abs {sliding_error.mean():.4f}"
     )
     # Blending overlapping tiles must beat the original's seam-prone sliding decode.
     assert tiled_error.mean() < 0.75 * sliding_error.mean()
+    assert gaussian_error.mean() < 0.75 * sliding_error.mean()
     assert torch.isfinite(tiled).all()
+
+
+def test_tiled_decode_of_a_batch_equals_decoding_each_item():
+    model = tiny_model()
+    latents = torch.randn(2, 4, 6, 4, 10)
+    model.enable_tiling(tile_latent_size=4, tile_latent_overlap=1, mode="gaussian")
+    with torch.no_grad():
+        batched = model.decode(latents).sample
+        single = torch.cat([model.decode(item[None]).sample for item in latents])
+    assert batched.shape == (2, 1, 24, 16, 40)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_decode_decodes_each_tile_independently_including_the_remainder():
+    model = tiny_model()
+    latents = torch.randn(1, 4, 4, 4, 6)
+    with torch.no_grad():
+        sliding = model.sliding_decode(latents, tile_latent_size=4)
+        first = model.decode(latents[..., :4]).sample
+        remainder = model.decode(latents[..., 4:]).sample
+    assert torch.equal(sliding, torch.cat([first, remainder], dim=-1))
+
+
+def test_tiling_arguments_are_checked():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"`mode` must be one of \('constant', 'gaussian'\), got 'linear'"):
+        model.enable_tiling(mode="linear")
+    with pytest.raises(ValueError, match=r"`tile_latent_overlap` must be an int in \[0, 4\)"):
+        model.tiled_decode(torch.randn(1, 4, 8, 8, 8), tile_latent_size=4, tile_latent_overlap=5)
+    assert not model.use_tiling
 
 
 def test_slicing_matches_batched_decode():

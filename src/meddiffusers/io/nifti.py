@@ -8,11 +8,17 @@ module is the only place that transposes between the two.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
 import torch
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+# What nibabel, gzip and zlib raise for files that are not (complete, valid) NIfTI images.
+_UNREADABLE = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
 
 
 @dataclass
@@ -96,28 +102,57 @@ def load_nifti(path: str | os.PathLike, dtype: torch.dtype = torch.float32, cano
 
     Raises:
         FileNotFoundError: If `path` does not exist.
-        ValueError: If the file is not a 3D (or 3D + channels) NIfTI image.
+        ValueError: If the file is not a readable NIfTI image (truncated, corrupt or another format; the message names
+            the file) or not 3D (or 3D + channels).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"NIfTI file not found: {path!r}.")
+    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    # nibabel reads the header eagerly and the voxels lazily: read both here, so that a truncated or corrupt file
+    # fails with one clear error instead of an EOFError or zlib error from deep inside the first data access.
     try:
         image = nib.load(path)
-    except Exception as error:  # nibabel raises several exception types for unreadable files
-        raise ValueError(f"Could not read {path!r} as NIfTI: {error}") from None
-    if canonical:
-        image = nib.as_closest_canonical(image)
-    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    array = (
-        np.asanyarray(image.dataobj).astype(numpy_dtype)
-        if image.get_data_dtype() == numpy_dtype
-        else (image.get_fdata(dtype=np.float64).astype(numpy_dtype))
-    )
+        if canonical:
+            image = nib.as_closest_canonical(image)
+        if image.get_data_dtype() == numpy_dtype:
+            array = np.asanyarray(image.dataobj).astype(numpy_dtype)
+        else:
+            array = image.get_fdata(dtype=np.float64).astype(numpy_dtype)
+    except _UNREADABLE as error:
+        message = " ".join(str(error).split())  # nibabel's messages can span several lines
+        raise ValueError(
+            f"Could not read {path!r} as NIfTI ({type(error).__name__}: {message}); the file may be truncated or "
+            "corrupt, or not a NIfTI image."
+        ) from None
     try:
         tensor = nifti_array_to_tensor(array)
     except ValueError as error:
         raise ValueError(f"{path!r}: {error}") from None
     return NiftiVolume(tensor=tensor, affine=image.affine.copy(), header=image.header.copy())
+
+
+def tensor_to_nifti_image(
+    volume: torch.Tensor, affine: np.ndarray | None = None, header: nib.Nifti1Header | None = None
+) -> nib.Nifti1Image:
+    """A `(1, C, D, H, W)`, `(C, D, H, W)` or `(D, H, W)` tensor as an in-memory `nibabel.Nifti1Image`.
+
+    Integer and float16 data are stored as float32; the scaling slope and intercept are reset to 1 and 0.
+    """
+    array = tensor_to_nifti_array(volume)
+    if not np.issubdtype(array.dtype, np.floating) or array.dtype == np.float16:
+        array = array.astype(np.float32)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    image = nib.Nifti1Image(array, affine, header=header.copy() if header is not None else None)
+    image.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(1.0, 0.0)
+    return image
+
+
+def nifti_image_to_tensor(image: nib.Nifti1Image, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The data of an in-memory NIfTI image as a `(1, C, D, H, W)` tensor (inverse of [`tensor_to_nifti_image`])."""
+    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    return nifti_array_to_tensor(np.asanyarray(image.dataobj).astype(numpy_dtype))
 
 
 def save_nifti(
@@ -141,15 +176,7 @@ def save_nifti(
         affine = volume.affine if affine is None else affine
         header = volume.header if header is None else header
         volume = volume.tensor
-    array = tensor_to_nifti_array(volume)
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    elif array.dtype == np.float16:
-        array = array.astype(np.float32)
-    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    image = nib.Nifti1Image(array, affine, header=header.copy() if header is not None else None)
-    image.set_data_dtype(array.dtype)
-    image.header.set_slope_inter(1.0, 0.0)
+    image = tensor_to_nifti_image(volume, affine, header)
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)

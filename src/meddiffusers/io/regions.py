@@ -96,15 +96,21 @@ class RegionRegistry:
         return "; ".join(lines)
 
     def resolve(self, region: str | int | Region) -> Region:
-        """The region for a name, alias or class id; a `ValueError` lists the valid names otherwise."""
+        """The region for a name, alias or class id; a `ValueError` lists the valid names otherwise.
+
+        A string of digits that is not a region's name (e.g. `"1"` from a command line) is read as a class id.
+        """
         if isinstance(region, Region):
             return region
-        if isinstance(region, int) and not isinstance(region, bool):
-            for candidate in self.regions:
-                if candidate.class_id == region:
-                    return candidate
-        elif isinstance(region, str) and _normalise(region) in self._lookup:
+        if isinstance(region, str) and _normalise(region) in self._lookup:
             return self._lookup[_normalise(region)]
+        class_id = region.strip() if isinstance(region, str) else region
+        if isinstance(class_id, str) and class_id.isdecimal():
+            class_id = int(class_id)
+        if isinstance(class_id, int) and not isinstance(class_id, bool):
+            for candidate in self.regions:
+                if candidate.class_id == class_id:
+                    return candidate
         raise ValueError(f"Unknown region {region!r}. Valid regions are {self.describe()}.")
 
     def to_config(self) -> list[dict]:

@@ -8,8 +8,8 @@ import re
 
 from diffusers.utils import logging
 
-from .key_mapping import load_converted_state_dict, rename_key
-from .safe_unpickle import load_original_checkpoint
+from .key_mapping import rename_key
+from .single_file import OriginalCheckpointConverter
 
 logger = logging.get_logger(__name__)
 
@@ -161,37 +161,61 @@ def _read_original_config(original_config) -> dict | None:
     return original_config.get("constructor_kwargs", original_config)
 
 
-def load_biflownet_checkpoint(cls, checkpoint_path, original_config=None, use_ema=True, torch_dtype=None, **overrides):
-    """Build a `cls` (BiFlowNet3DModel) from an original training file. See `BiFlowNet3DModel.from_single_file`."""
-    checkpoint = load_original_checkpoint(checkpoint_path)
-    if "state_dict" in checkpoint and "encoder.conv_first.weight" in (checkpoint.get("state_dict") or {}):
-        raise ValueError(
-            f"{os.fspath(checkpoint_path)!r} is a Patch-Volume autoencoder checkpoint; load it with "
-            "VQModel3D.from_single_file."
-        )
-    if isinstance(checkpoint.get("model"), dict) and "mid_zero_conv.weight" in checkpoint["model"]:
-        raise ValueError(
-            f"{os.fspath(checkpoint_path)!r} is a ControlNet, not a BiFlowNet checkpoint; load it with "
-            "ControlNet3DModel.from_single_file."
-        )
-    key = "ema" if use_ema else "model"
-    state_dict = checkpoint.get(key)
-    if not isinstance(state_dict, dict) or "init_conv.weight" not in state_dict:
-        raise ValueError(
-            f"{os.fspath(checkpoint_path)!r} has no BiFlowNet weights under {key!r} (found keys "
-            f"{sorted(checkpoint)[:8]}); is it a 3D MedDiffusion BiFlowNet training file?"
-        )
-    if any(k.startswith("mid_zero_conv") or re.match(r"downs\.\d+\.5\.", k) for k in state_dict):
-        raise ValueError(f"{os.fspath(checkpoint_path)!r} is a ControlNet, not a BiFlowNet checkpoint.")
-    kwargs = _read_original_config(original_config)
-    if kwargs is not None:
-        config = config_from_constructor_kwargs(kwargs)
-    elif isinstance(checkpoint.get("args"), dict) and "model_dim" in checkpoint["args"]:
-        config = config_from_training_args(checkpoint["args"])
-    else:
-        config = config_from_state_dict(state_dict)
-    config.update(overrides)
-    model = load_converted_state_dict(cls(**config), convert_biflownet_state_dict(state_dict), checkpoint_path, config)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
-    return model.eval()
+def _has_training_args(checkpoint: dict) -> bool:
+    return isinstance(checkpoint.get("args"), dict) and "model_dim" in checkpoint["args"]
+
+
+class BiFlowNetConverter(OriginalCheckpointConverter):
+    """Original BiFlowNet training files (`.pt` with `model`, `ema`, `args`, `opt`, `scaler`) → `BiFlowNet3DModel`.
+
+    `use_ema` (default `True`) picks the EMA weights the original sampler uses rather than the raw ones. The config
+    comes from `original_config` (the `BiFlowNet(...)` keyword arguments, or a dict with them under
+    `constructor_kwargs`), else from the stored training `args`, else from tensor shapes.
+    """
+
+    options = {"use_ema": True}
+
+    def check(self, checkpoint: dict, path: str, use_ema: bool = True) -> None:
+        """Refuse autoencoder and ControlNet files, and files without BiFlowNet weights under `ema` / `model`."""
+        if "state_dict" in checkpoint and "encoder.conv_first.weight" in (checkpoint.get("state_dict") or {}):
+            raise ValueError(
+                f"{path!r} is a Patch-Volume autoencoder checkpoint; load it with VQModel3D.from_single_file."
+            )
+        if isinstance(checkpoint.get("model"), dict) and "mid_zero_conv.weight" in checkpoint["model"]:
+            raise ValueError(
+                f"{path!r} is a ControlNet, not a BiFlowNet checkpoint; load it with "
+                "ControlNet3DModel.from_single_file."
+            )
+        key = "ema" if use_ema else "model"
+        state_dict = checkpoint.get(key)
+        if not isinstance(state_dict, dict) or "init_conv.weight" not in state_dict:
+            raise ValueError(
+                f"{path!r} has no BiFlowNet weights under {key!r} (found keys {sorted(checkpoint)[:8]}); is it a "
+                "3D MedDiffusion BiFlowNet training file?"
+            )
+        if any(k.startswith("mid_zero_conv") or re.match(r"downs\.\d+\.5\.", k) for k in state_dict):
+            raise ValueError(f"{path!r} is a ControlNet, not a BiFlowNet checkpoint.")
+
+    def extract_state_dict(self, checkpoint: dict, use_ema: bool = True) -> dict:
+        """The `ema` (default) or `model` weights."""
+        return checkpoint["ema" if use_ema else "model"]
+
+    def config(self, checkpoint: dict, state_dict: dict, original_config, use_ema: bool = True) -> dict:
+        """`BiFlowNet3DModel` arguments from `original_config`, the training `args` or the tensor shapes."""
+        kwargs = _read_original_config(original_config)
+        if kwargs is not None:
+            return config_from_constructor_kwargs(kwargs)
+        if _has_training_args(checkpoint):
+            return config_from_training_args(checkpoint["args"])
+        return config_from_state_dict(state_dict)
+
+    def rename(self, key: str) -> str:
+        """See [`rename_biflownet_key`]."""
+        return rename_biflownet_key(key)
+
+    def dropped(self, checkpoint: dict, state_dict: dict, original_config, use_ema: bool = True) -> list[str]:
+        """Every top-level entry but the weights loaded and the `args` the config was read from."""
+        used = {"ema" if use_ema else "model"}
+        if original_config is None and _has_training_args(checkpoint):
+            used.add("args")
+        return sorted(key for key in checkpoint if key not in used)

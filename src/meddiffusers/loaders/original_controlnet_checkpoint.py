@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
-from .key_mapping import load_converted_state_dict, rename_key
+from .key_mapping import rename_key
 from .original_biflownet_checkpoint import (
     _read_original_config,
     config_from_constructor_kwargs,
     config_from_state_dict,
     rename_biflownet_key,
 )
-from .safe_unpickle import load_original_checkpoint
+from .single_file import OriginalCheckpointConverter
 
 _CONTROL_RULES = [
     (r"^downs\.(\d+)\.5\.", r"controlnet_down_blocks.\1."),
@@ -27,24 +25,39 @@ def rename_controlnet_key(key: str) -> str:
     return renamed if renamed != key else rename_biflownet_key(key)
 
 
-def load_controlnet_checkpoint(cls, checkpoint_path, original_config=None, torch_dtype=None, **overrides):
-    """Build a `cls` (ControlNet3DModel) from the authors' ControlNet file (see `from_single_file`)."""
-    checkpoint = load_original_checkpoint(checkpoint_path)
-    state_dict = checkpoint.get("model", checkpoint)
-    if not isinstance(state_dict, dict) or "mid_zero_conv.weight" not in state_dict:
-        raise ValueError(
-            f"{os.fspath(checkpoint_path)!r} is not a 3D MedDiffusion ControlNet checkpoint (no `mid_zero_conv`)."
-        )
-    kwargs = _read_original_config(original_config)
-    config = config_from_constructor_kwargs(kwargs) if kwargs is not None else config_from_state_dict(state_dict)
-    hint_channels = state_dict["init_conv.weight"].shape[1] - config["in_channels"]
-    if kwargs is None:  # shapes see the concatenated input: split it evenly (the authors' hint has `channels`)
-        config["in_channels"] = hint_channels = state_dict["init_conv.weight"].shape[1] // 2
-    config = {key: value for key, value in config.items() if key not in _ENCODER_ONLY}
-    config["conditioning_channels"] = hint_channels
-    config.update(overrides)
-    converted = {rename_controlnet_key(key): value for key, value in state_dict.items()}
-    model = load_converted_state_dict(cls(**config), converted, checkpoint_path, config)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
-    return model.eval()
+class ControlNetConverter(OriginalCheckpointConverter):
+    """The authors' ControlNet weights (`{"model": state_dict}`) → `ControlNet3DModel`.
+
+    The config comes from `original_config` (the `ControlLDM` / BiFlowNet keyword arguments, or a dict with them
+    under `constructor_kwargs`) or from tensor shapes, which see the noisy latent and the condition concatenated and
+    split them evenly.
+    """
+
+    def check(self, checkpoint: dict, path: str) -> None:
+        """Refuse files without the ControlNet's `mid_zero_conv`."""
+        state_dict = checkpoint.get("model", checkpoint)
+        if not isinstance(state_dict, dict) or "mid_zero_conv.weight" not in state_dict:
+            raise ValueError(f"{path!r} is not a 3D MedDiffusion ControlNet checkpoint (no `mid_zero_conv`).")
+
+    def extract_state_dict(self, checkpoint: dict) -> dict:
+        """The `model` weights (or the checkpoint itself when it is a bare state dict)."""
+        return checkpoint.get("model", checkpoint)
+
+    def config(self, checkpoint: dict, state_dict: dict, original_config) -> dict:
+        """`ControlNet3DModel` arguments, with `conditioning_channels` read from the input convolution."""
+        kwargs = _read_original_config(original_config)
+        config = config_from_constructor_kwargs(kwargs) if kwargs is not None else config_from_state_dict(state_dict)
+        hint_channels = state_dict["init_conv.weight"].shape[1] - config["in_channels"]
+        if kwargs is None:  # shapes see the concatenated input: split it evenly (the authors' hint has `channels`)
+            config["in_channels"] = hint_channels = state_dict["init_conv.weight"].shape[1] // 2
+        config = {key: value for key, value in config.items() if key not in _ENCODER_ONLY}
+        config["conditioning_channels"] = hint_channels
+        return config
+
+    def rename(self, key: str) -> str:
+        """See [`rename_controlnet_key`]."""
+        return rename_controlnet_key(key)
+
+    def dropped(self, checkpoint: dict, state_dict: dict, original_config) -> list[str]:
+        """Every top-level entry but `model` (none for a bare state dict)."""
+        return sorted(key for key in checkpoint if key != "model") if "model" in checkpoint else []

@@ -9,8 +9,8 @@ import re
 
 from diffusers.utils import logging
 
-from .key_mapping import load_converted_state_dict, rename_key
-from .safe_unpickle import load_original_checkpoint
+from .key_mapping import rename_key
+from .single_file import OriginalCheckpointConverter
 
 logger = logging.get_logger(__name__)
 
@@ -113,30 +113,52 @@ def config_from_state_dict(state_dict: dict) -> dict:
     }
 
 
-def load_patch_volume_checkpoint(cls, checkpoint_path, original_config=None, torch_dtype=None, **overrides):
-    """Build a `cls` (VQModel3D) from an original Patch-Volume checkpoint. See `VQModel3D.from_single_file`."""
-    checkpoint = load_original_checkpoint(checkpoint_path)
-    state_dict = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state_dict, dict) or "encoder.conv_first.weight" not in state_dict:
-        hint = ""
-        if "ema" in checkpoint or "model" in checkpoint:
-            hint = (
-                " It looks like a BiFlowNet or ControlNet training file; load it with that model's from_single_file."
-            )
-        raise ValueError(
-            f"{os.fspath(checkpoint_path)!r} is not a 3D MedDiffusion Patch-Volume autoencoder checkpoint." + hint
-        )
-    cfg = _read_original_config(original_config)
-    if cfg is None:
-        stored = (checkpoint.get("hyper_parameters") or {}).get("cfg")
-        cfg = stored if isinstance(stored, dict) and "model" in stored else None
-    config = config_from_original(cfg) if cfg is not None else config_from_state_dict(state_dict)
-    config.update(overrides)
+def _stored_cfg(checkpoint: dict) -> dict | None:
+    stored = (checkpoint.get("hyper_parameters") or {}).get("cfg")
+    return stored if isinstance(stored, dict) and "model" in stored else None
 
-    converted, dropped = convert_patch_volume_state_dict(state_dict)
-    if dropped:
-        logger.info(f"Dropped {len(dropped)} loss-only weights (discriminator / perceptual network).")
-    model = load_converted_state_dict(cls(**config), converted, checkpoint_path, config)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
-    return model.eval()
+
+class PatchVolumeConverter(OriginalCheckpointConverter):
+    """Original Patch-Volume checkpoints (PyTorch-Lightning `.ckpt` of `patchvolumeAE`) → `VQModel3D`.
+
+    The config comes from `original_config` (the original `cfg`: `{"model": {...}, "dataset": {...}}`), else from
+    the checkpoint's `hyper_parameters`, else from tensor shapes. Loss-only weights (discriminators, perceptual
+    network) are dropped, as are the Lightning training entries (optimizer states, loops, callbacks, ...).
+    """
+
+    def check(self, checkpoint: dict, path: str) -> None:
+        """Refuse files that hold no Patch-Volume encoder, pointing BiFlowNet / ControlNet files to their loader."""
+        state_dict = checkpoint.get("state_dict", checkpoint)
+        if not isinstance(state_dict, dict) or "encoder.conv_first.weight" not in state_dict:
+            hint = ""
+            if "ema" in checkpoint or "model" in checkpoint:
+                hint = (
+                    " It looks like a BiFlowNet or ControlNet training file; load it with that model's "
+                    "from_single_file."
+                )
+            raise ValueError(f"{path!r} is not a 3D MedDiffusion Patch-Volume autoencoder checkpoint." + hint)
+
+    def extract_state_dict(self, checkpoint: dict) -> dict:
+        """The Lightning module's `state_dict` (or the checkpoint itself when it is a bare state dict)."""
+        return checkpoint.get("state_dict", checkpoint)
+
+    def config(self, checkpoint: dict, state_dict: dict, original_config) -> dict:
+        """`VQModel3D` arguments from `original_config`, the stored hyper-parameters or the tensor shapes."""
+        cfg = _read_original_config(original_config)
+        if cfg is None:
+            cfg = _stored_cfg(checkpoint)
+        return config_from_original(cfg) if cfg is not None else config_from_state_dict(state_dict)
+
+    def rename(self, key: str) -> str:
+        """See [`rename_patch_volume_key`]."""
+        return rename_patch_volume_key(key)
+
+    def dropped(self, checkpoint: dict, state_dict: dict, original_config) -> list[str]:
+        """Loss-only weights, then every Lightning entry other than the weights and the config that was read."""
+        weights = [key for key in state_dict if key.startswith(LOSS_ONLY_PREFIXES)]
+        if "state_dict" not in checkpoint:
+            return weights
+        used = {"state_dict"}
+        if original_config is None and _stored_cfg(checkpoint) is not None:
+            used.add("hyper_parameters")
+        return weights + sorted(key for key in checkpoint if key not in used)

@@ -1,4 +1,13 @@
-from .attention_3d import VolumeAttention, VolumeAttnProcessor, VolumeXFormersAttnProcessor
+from .attention import (
+    ResidualVolumeAttention,
+    TokenAttention,
+    VolumeAttention,
+    VolumeAttnProcessor,
+    VolumeXFormersAttnProcessor,
+)
 from .autoencoders import VectorQuantizer3D, VectorQuantizer3DOutput, VQModel3D, VQModel3DEncoderOutput
-from .biflownet import BiFlowNet3DModel, BiFlowNet3DOutput
-from .controlnet_3d import ControlNet3DModel, ControlNet3DOutput
+from .controlnets import ControlNet3DModel, ControlNet3DOutput
+from .normalization import ChannelLayerNorm
+from .resnet import ConditionedResnetBlock3D, ResnetBlock3D
+from .sampling import Downsample3D, Upsample3D
+from .unets import BiFlowNet3DModel, BiFlowNet3DOutput

@@ -1,59 +1,6 @@
-"""Residual 3D convolution blocks shared by the volume models."""
+"""Old import path; the blocks now live in `meddiffusers.models.resnet` and `meddiffusers.models.sampling`."""
 
-from __future__ import annotations
+from .resnet import ResnetBlock3D
+from .sampling import Downsample3D, Upsample3D
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-
-class ResnetBlock3D(nn.Module):
-    """Pre-activation residual block: `GroupNorm -> SiLU -> Conv3d(3) -> GroupNorm -> SiLU -> Conv3d(3)` plus a skip.
-
-    The skip is the identity when the width does not change, otherwise a 1x1x1 convolution (`conv_shortcut`).
-
-    Args:
-        in_channels: Input channels.
-        out_channels: Output channels (defaults to `in_channels`).
-        norm_num_groups: Groups of both GroupNorms.
-        norm_eps: Epsilon of both GroupNorms.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int | None = None, norm_num_groups: int = 24, norm_eps=1e-6):
-        super().__init__()
-        out_channels = out_channels or in_channels
-        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=norm_eps)
-        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=norm_eps)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.conv_shortcut = (
-            nn.Conv3d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
-        )
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = hidden_states if self.conv_shortcut is None else self.conv_shortcut(hidden_states)
-        hidden_states = self.conv1(F.silu(self.norm1(hidden_states)))
-        hidden_states = self.conv2(F.silu(self.norm2(hidden_states)))
-        return residual + hidden_states
-
-
-class Downsample3D(nn.Module):
-    """Halve every spatial side with a strided `Conv3d(kernel 4, stride 2, padding 1)`."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv3d(channels, channels, kernel_size=4, stride=2, padding=1)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.conv(hidden_states)
-
-
-class Upsample3D(nn.Module):
-    """Double every spatial side with a `ConvTranspose3d(kernel 4, stride 2, padding 1)`."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.ConvTranspose3d(channels, channels, kernel_size=4, stride=2, padding=1)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.conv(hidden_states)
+__all__ = ["Downsample3D", "ResnetBlock3D", "Upsample3D"]

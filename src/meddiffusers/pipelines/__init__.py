@@ -1,1 +1,2 @@
 from .meddiffusion import MedDiffusionControlNetPipeline, MedDiffusionPipeline, MedDiffusionPipelineOutput
+from .pipeline_utils_3d import VolumePipeline, VolumePipelineOutput

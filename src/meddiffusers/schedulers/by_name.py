@@ -6,16 +6,22 @@ import diffusers
 
 from .scheduling_meddiffusion_ddim import MedDiffusionDDIMScheduler
 
-#: name -> (scheduler class, config overrides)
+#: name -> (scheduler class, config overrides). Every class is built with `from_config`, so it inherits the exact
+#: betas and the solver settings that `MedDiffusionDDIMScheduler` records (`timestep_spacing="leading"`,
+#: `thresholding=True`, `sample_max_value=1.0`); the overrides only choose a variant of the method.
 SCHEDULERS = {
     "ddim": (MedDiffusionDDIMScheduler, {}),
     "ddpm": (diffusers.DDPMScheduler, {"variance_type": "fixed_small", "clip_sample": True}),
     "diffusers-ddim": (diffusers.DDIMScheduler, {"clip_sample": True, "set_alpha_to_one": False}),
     "dpm++": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpm++-singlestep": (diffusers.DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++"}),
     "unipc": (diffusers.UniPCMultistepScheduler, {}),
-    "euler": (diffusers.EulerDiscreteScheduler, {}),
-    "heun": (diffusers.HeunDiscreteScheduler, {}),
     "deis": (diffusers.DEISMultistepScheduler, {}),
+    "pndm": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (diffusers.EulerDiscreteScheduler, {}),
+    "euler-ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}),
+    "heun": (diffusers.HeunDiscreteScheduler, {}),
+    "kdpm2": (diffusers.KDPM2DiscreteScheduler, {}),
 }
 
 

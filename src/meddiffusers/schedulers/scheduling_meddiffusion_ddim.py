@@ -24,11 +24,16 @@ class MedDiffusionDDIMScheduler(SchedulerMixin, ConfigMixin):
       in the direction term (diffusers re-derives the noise from the clipped `x0`);
     - derives every coefficient from a float64 schedule.
 
-    Set `use_clipped_model_output=True` to re-derive the noise from the clipped `x0` instead. `eta > 0` adds the
-    standard DDIM stochasticity.
+    `step(..., use_clipped_model_output=True)` re-derives the noise from the clipped `x0` instead, and `eta > 0` adds
+    the standard DDIM stochasticity (`eta=1` is the original stochastic sampler); the pipelines pass `eta` through.
 
     The configuration stores the exact betas as `trained_betas`, so `OtherScheduler.from_config(this.config)` gives
-    any diffusers scheduler the same noise schedule.
+    any diffusers scheduler the same noise schedule. It also records [`SOLVER_SETTINGS`] for those schedulers (not
+    used by this one, as `clip_sample` in a PNDM config is kept for DDIM): the schedule ends at
+    `alpha_bar_999 ~ 2.4e-10`, so a solver that evaluates the model at t = 999 without bounding `x0` multiplies the
+    noise-prediction error by about 64,000. `timestep_spacing="leading"` makes the diffusers solvers start one grid
+    step below 999 and `thresholding=True` with `sample_max_value=1.0` clips their `x0` to `[-1, 1]` as this
+    scheduler does.
 
     Args:
         num_train_timesteps: Diffusion steps the model was trained with.
@@ -37,11 +42,13 @@ class MedDiffusionDDIMScheduler(SchedulerMixin, ConfigMixin):
         clip_sample: Clip the predicted `x0`.
         clip_sample_range: Bound of that clipping.
         prediction_type: `"epsilon"`, `"sample"` or `"v_prediction"`.
-        use_clipped_model_output: Re-derive the noise from the clipped `x0` (diffusers' behaviour).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+
+    #: Configuration recorded for the diffusers schedulers built with `from_config` (see the class docstring).
+    SOLVER_SETTINGS = {"timestep_spacing": "leading", "thresholding": True, "sample_max_value": 1.0}
 
     @register_to_config
     def __init__(
@@ -52,7 +59,6 @@ class MedDiffusionDDIMScheduler(SchedulerMixin, ConfigMixin):
         clip_sample: bool = True,
         clip_sample_range: float = 1.0,
         prediction_type: str = "epsilon",
-        use_clipped_model_output: bool = False,
     ):
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(
@@ -63,7 +69,9 @@ class MedDiffusionDDIMScheduler(SchedulerMixin, ConfigMixin):
             # Record the exact betas so that any scheduler built with `from_config` uses the same schedule.
             used_defaults = [k for k in self.config.get("_use_default_values", []) if k != "trained_betas"]
             self.register_to_config(trained_betas=betas.tolist(), _use_default_values=used_defaults)
-        else:
+        # Settings for other schedulers; `from_config` then restores any saved values over these defaults.
+        self.register_to_config(**self.SOLVER_SETTINGS)
+        if trained_betas is not None:
             betas = np.asarray(trained_betas, dtype=np.float64)
             if betas.shape != (num_train_timesteps,):
                 raise ValueError(f"`trained_betas` must hold {num_train_timesteps} values, got {betas.shape}.")
@@ -76,6 +84,17 @@ class MedDiffusionDDIMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
         self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy())
         self._previous = {}
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """`ConfigMixin.from_config`, refusing sampling arguments that belong to `step` rather than the config."""
+        misplaced = sorted(set(kwargs) & {"eta", "use_clipped_model_output", "generator"})
+        if misplaced:
+            raise TypeError(
+                f"{misplaced} are sampling arguments, not configuration: pass them to the pipeline call "
+                "(`pipe(..., eta=1.0)`) or to `scheduler.step(...)`."
+            )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """Identity: DDIM needs no input scaling (kept for scheduler interchangeability)."""
@@ -109,13 +128,26 @@ class MedDiffusionDDIMScheduler(SchedulerMixin, ConfigMixin):
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
         eta: float = 0.0,
+        use_clipped_model_output: bool = False,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
         """One DDIM update from `timestep` to the next timestep of the grid.
 
-        Returns the previous sample and the (clipped) predicted `x0`.
+        Args:
+            model_output: The denoiser's prediction (noise, sample or velocity, per `prediction_type`).
+            timestep: Current timestep, one of `self.timesteps`.
+            sample: Current noisy sample.
+            eta: Weight of the stochastic term (0: deterministic DDIM, 1: the original stochastic sampler).
+            use_clipped_model_output: Re-derive the noise from the clipped `x0` (diffusers' DDIM behaviour).
+            generator: Random generator for the stochastic term.
+            return_dict: Return a `DDIMSchedulerOutput` rather than a tuple.
+
+        Returns:
+            The previous sample and the (clipped) predicted `x0`.
         """
+        if eta < 0:
+            raise ValueError(f"`eta` must be >= 0, got {eta}.")
         t = int(timestep)
         prev_t = self.previous_timestep(t)
         alpha_t = self._coefficient(self.alphas_cumprod, t, sample)
@@ -134,7 +166,7 @@ class MedDiffusionDDIMScheduler(SchedulerMixin, ConfigMixin):
         if self.config.clip_sample:
             bound = self.config.clip_sample_range
             x0 = x0.clamp(-bound, bound)
-            if self.config.use_clipped_model_output:
+            if use_clipped_model_output:
                 epsilon = (sample - alpha_t.sqrt() * x0) / (1 - alpha_t).sqrt()
         sigma = torch.zeros_like(alpha_t)
         if eta > 0 and prev_t != t:

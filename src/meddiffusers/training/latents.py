@@ -7,38 +7,34 @@ import os
 import random
 
 import torch
-import torch.nn.functional as F
 
 from ..io.regions import RegionRegistry
-from .data import VolumePreprocessor, augment
+from ..utils.volume import center_crop_or_pad
+from .data import VolumePreprocessor, augment, augmentation_options
 
 REGIONS_FILE = "regions.json"
 
 
-def center_crop_or_pad(volume: torch.Tensor, size) -> torch.Tensor:
-    """Centre-crop or pad (with -1) a `(C, D, H, W)` volume to `size` `(D, H, W)`."""
-    for axis, want in enumerate(size, start=1):
-        have = volume.shape[axis]
-        if have > want:
-            start = (have - want) // 2
-            volume = volume.narrow(axis, start, want)
-        elif have < want:
-            before = (want - have) // 2
-            pads = [0, 0] * (4 - axis) + [before, want - have - before]
-            volume = F.pad(volume, pads, value=-1.0)
-    return volume
-
-
 @torch.no_grad()
 def encode_manifest(
-    vqvae, manifest, preprocessor: VolumePreprocessor, volume_size=None, device="cpu", augment_copies=0, seed=0
+    vqvae,
+    manifest,
+    preprocessor: VolumePreprocessor,
+    volume_size=None,
+    device="cpu",
+    augment_copies=0,
+    seed=0,
+    augmentation="reference",
 ) -> dict:
     """Encode every volume of a manifest into normalised latents (the diffusion model's space).
 
-    With `augment_copies > 0`, that many randomly flipped / rotated copies of each volume (the reference
-    augmentations) are encoded too. Returns columns for `datasets.Dataset.from_dict`: `latents` (flattened
-    float32), `shape`, `class_id`, `region`, `source`. Unreadable files are reported together with their names.
+    With `augment_copies > 0`, that many randomly augmented copies of each volume are encoded too: `augmentation`
+    names the setting of [`~meddiffusers.training.data.AUGMENTATIONS`], `"reference"` (random flips of `H`, `W`
+    and rot90, several in-plane orientations), `"lr_flip"` (left-right flips only) or `"none"` (identical copies).
+    Returns columns for `datasets.Dataset.from_dict`: `latents` (flattened float32), `shape`, `class_id`, `region`,
+    `source`. Unreadable files are reported together with their names.
     """
+    options = augmentation_options(augmentation)
     generator = random.Random(seed)
     columns = {"latents": [], "shape": [], "class_id": [], "region": [], "source": []}
     problems = []
@@ -51,7 +47,7 @@ def encode_manifest(
         if volume_size is not None:
             volume = center_crop_or_pad(volume, volume_size)
         for copy in range(augment_copies + 1):
-            variant = volume if copy == 0 else augment(volume, generator)
+            variant = volume if copy == 0 else augment(volume, generator, **options)
             latents = vqvae.normalize_latents(vqvae.encode(variant[None].to(device, vqvae.dtype)).latents)[0]
             columns["latents"].append(latents.float().cpu().reshape(-1).numpy())
             columns["shape"].append(list(latents.shape))

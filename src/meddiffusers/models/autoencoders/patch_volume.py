@@ -6,29 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention_3d import VolumeAttention
-from ..resnet_3d import Downsample3D, ResnetBlock3D, Upsample3D
-
-
-class NormalizedVolumeAttention(nn.Module):
-    """`x + to_out(attention(GroupNorm(x)))`: the attention layer of the autoencoder's middle block."""
-
-    def __init__(self, channels: int, heads: int, head_dim: int, norm_num_groups: int, norm_eps: float):
-        super().__init__()
-        self.norm = nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)
-        self.attention = VolumeAttention(channels, heads=heads, head_dim=head_dim)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states + self.attention(self.norm(hidden_states))
+from ..attention import ResidualVolumeAttention
+from ..resnet import ResnetBlock3D
+from ..sampling import Downsample3D, Upsample3D
 
 
 class MidBlock3D(nn.Module):
-    """Resnet block, normalised self-attention, resnet block, at constant width."""
+    """Resnet block, `x + attention(GroupNorm(x))`, resnet block, at constant width."""
 
     def __init__(self, channels: int, heads: int, head_dim: int, norm_num_groups: int, norm_eps: float):
         super().__init__()
         self.resnet_1 = ResnetBlock3D(channels, channels, norm_num_groups, norm_eps)
-        self.attention = NormalizedVolumeAttention(channels, heads, head_dim, norm_num_groups, norm_eps)
+        self.attention = ResidualVolumeAttention(
+            channels, heads, head_dim, norm=nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)
+        )
         self.resnet_2 = ResnetBlock3D(channels, channels, norm_num_groups, norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

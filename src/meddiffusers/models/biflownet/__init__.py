@@ -1,1 +1,5 @@
-from .modeling_biflownet_3d import BiFlowNet3DModel, BiFlowNet3DOutput
+"""Old import path; BiFlowNet now lives in `meddiffusers.models.unets.biflownet`."""
+
+from ..unets.biflownet import BiFlowNet3DModel, BiFlowNet3DOutput
+
+__all__ = ["BiFlowNet3DModel", "BiFlowNet3DOutput"]

@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from ...io.nifti import NiftiVolume
-from ...models.autoencoders.vq_model_3d import VQModel3D
-from ...models.controlnet_3d import ControlNet3DModel
+from ...models import ControlNet3DModel, VQModel3D
+from ..pipeline_utils_3d import scale_model_input
 from .pipeline_meddiffusion import MedDiffusionPipeline
 from .pipeline_output import MedDiffusionPipelineOutput
 
@@ -24,6 +25,9 @@ class MedDiffusionControlNetPipeline(MedDiffusionPipeline):
 
     Components: `vqvae`, `unet`, `controlnet`, `scheduler` (any diffusers scheduler); configuration as
     [`MedDiffusionPipeline`].
+
+    The denoising loop is [`MedDiffusionPipeline`]'s with the ControlNet's residuals added at every step; the
+    region, size and output helpers are inherited.
     """
 
     model_cpu_offload_seq = "controlnet->unet->vqvae"
@@ -80,22 +84,6 @@ class MedDiffusionControlNetPipeline(MedDiffusionPipeline):
             raise ValueError(f"`condition` has batch {latents.shape[0]} but {batch_size} volumes were requested.")
         return latents.to(device, dtype)
 
-    def _predict_noise(self, sample, timestep, class_labels, control=None) -> torch.Tensor:
-        residuals = self.controlnet(
-            sample,
-            timestep,
-            class_labels=class_labels,
-            controlnet_cond=control["latents"],
-            conditioning_scale=control["scale"],
-        )
-        return self.unet(
-            sample,
-            timestep,
-            class_labels=class_labels,
-            down_block_additional_residuals=residuals.down_block_res_samples,
-            mid_block_additional_residual=residuals.mid_block_res_sample,
-        ).sample
-
     @torch.no_grad()
     def __call__(
         self,
@@ -106,9 +94,10 @@ class MedDiffusionControlNetPipeline(MedDiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_volumes_per_region: int = 1,
         latents: torch.Tensor | None = None,
+        eta: float = 0.0,
         output_type: str = "np",
         return_dict: bool = True,
-        callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> MedDiffusionPipelineOutput | tuple:
         r"""Generate volumes guided by `condition`.
@@ -116,18 +105,67 @@ class MedDiffusionControlNetPipeline(MedDiffusionPipeline):
         Args:
             region: Region name, alias or class id (or a list).
             condition: Image-space `(B or 1, 1, D, H, W)` volume in `[-1, 1]` (or a `NiftiVolume`, whose spacing must
-                match the region's), or a latent-space `(B or 1, conditioning_channels, d, h, w)` condition.
+                match the region's), or a latent-space `(B or 1, conditioning_channels, d, h, w)` condition. The
+                output size is the condition's.
             controlnet_conditioning_scale: Multiplies the ControlNet residuals (0 gives the unconditional model).
-            Other arguments: as [`MedDiffusionPipeline.__call__`]; the volume size is the condition's.
+            Other arguments: as [`MedDiffusionPipeline.__call__`].
         """
-        arguments = dict(locals())
-        for name in ("self", "condition", "controlnet_conditioning_scale"):
-            del arguments[name]
+        # 1. Check the request and encode the condition before sampling.
         if condition is None:
             raise ValueError("`condition` is required; use MedDiffusionPipeline for unconditional generation.")
-        requested = region if isinstance(region, list | tuple) else [region]
-        regions = [self.get_region(name) for name in requested for _ in range(num_volumes_per_region)]
+        regions = self.resolve_regions(region, num_volumes_per_region)
+        self.check_output_type(output_type)
+        tensor_inputs = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         control_latents = self.prepare_condition(condition, regions, len(regions))
-        arguments["volume_size"] = tuple(side * self.vqvae_factor for side in control_latents.shape[2:])
-        control = {"latents": control_latents, "scale": controlnet_conditioning_scale}
-        return self._generate(**arguments, control=control)
+        volume_size = tuple(side * self.vqvae_factor for side in control_latents.shape[2:])
+        latent_shape = (len(regions), self.unet.config.in_channels, *self.latent_size(volume_size))
+        device = self._execution_device
+        class_labels = self.class_labels(regions, device)
+
+        # 2. Timesteps, then the initial noise.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self.warn_if_unbounded_start(timesteps)
+        latents = self.prepare_noise(latent_shape, generator, device, self.unet.dtype, latents)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 3. Denoise: the ControlNet's residuals join the denoiser's skips and middle block at every step.
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for step, t in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                model_input = scale_model_input(self.scheduler, latents, t)
+                residuals = self.controlnet(
+                    model_input,
+                    t,
+                    class_labels=class_labels,
+                    controlnet_cond=control_latents,
+                    conditioning_scale=controlnet_conditioning_scale,
+                )
+                noise_pred = self.unet(
+                    model_input,
+                    t,
+                    class_labels=class_labels,
+                    down_block_additional_residuals=residuals.down_block_res_samples,
+                    mid_block_additional_residual=residuals.mid_block_res_sample,
+                ).sample
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, step, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        # 4. Decode and package.
+        volumes = latents if output_type == "latent" else self.decode_latents(latents).float().cpu()
+        affines = self.region_affines(regions, volume_size, output_type)
+        volumes = self.postprocess(volumes, affines, output_type)
+        names = [r.name for r in regions]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (volumes, affines, names)
+        return MedDiffusionPipelineOutput(volumes=volumes, affines=affines, regions=names)

@@ -1,0 +1,159 @@
+"""Multi-head self-attention for 3D models, with diffusers-style swappable attention processors.
+
+Two layers share one processor interface, `processor(attn, query, key, value) -> out` on `(batch, heads, tokens,
+head_dim)` tensors: [`VolumeAttention`] (all voxels of a `(B, C, D, H, W)` feature map) and [`TokenAttention`]
+(a `(B, L, dim)` token sequence, as in DiT blocks). Both expose `get_processor` / `set_processor` and
+`set_use_memory_efficient_attention_xformers`, so diffusers' `model.attn_processors`, `model.set_attn_processor(...)`
+and `model.enable_xformers_memory_efficient_attention()` reach every attention layer of a model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils import is_xformers_available
+from torch import nn
+
+
+class VolumeAttnProcessor:
+    """Default processor: `torch.nn.functional.scaled_dot_product_attention` (fused kernels on GPU)."""
+
+    def __call__(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        # query/key/value: (batch, heads, tokens, head_dim)
+        return F.scaled_dot_product_attention(query, key, value)
+
+
+class VolumeXFormersAttnProcessor:
+    """Processor that calls `xformers.ops.memory_efficient_attention` (GPU only, optional dependency)."""
+
+    def __init__(self, attention_op=None):
+        self.attention_op = attention_op
+
+    def __call__(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        import xformers.ops
+
+        # xformers expects (batch, tokens, heads, head_dim)
+        out = xformers.ops.memory_efficient_attention(
+            query.transpose(1, 2).contiguous(),
+            key.transpose(1, 2).contiguous(),
+            value.transpose(1, 2).contiguous(),
+            op=self.attention_op,
+        )
+        return out.transpose(1, 2)
+
+
+class AttentionProcessorMixin:
+    """`get_processor`, `set_processor` and the xformers switch of an attention layer holding `self.processor`."""
+
+    def get_processor(self):
+        """Return the attention processor in use."""
+        return self.processor
+
+    def set_processor(self, processor) -> None:
+        """Use `processor` (a callable `(attn, query, key, value) -> out`) for the attention product."""
+        self.processor = processor
+
+    def set_use_memory_efficient_attention_xformers(
+        self, use_memory_efficient_attention_xformers: bool, attention_op=None
+    ):
+        """Switch to xformers' memory-efficient attention; called by `enable_xformers_memory_efficient_attention()`."""
+        if not use_memory_efficient_attention_xformers:
+            self.set_processor(VolumeAttnProcessor())
+            return
+        if not is_xformers_available():
+            raise ModuleNotFoundError(
+                "xformers is not installed. Install it with `pip install meddiffusers[xformers]` (matching your CUDA "
+                "build of PyTorch), or keep the default PyTorch SDPA attention."
+            )
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "xformers memory-efficient attention needs a CUDA GPU; torch.cuda.is_available() is False."
+            )
+        self.set_processor(VolumeXFormersAttnProcessor(attention_op))
+
+
+class VolumeAttention(AttentionProcessorMixin, nn.Module):
+    """Self-attention between all voxels of a `(B, C, D, H, W)` feature map.
+
+    Voxels are flattened in row-major `(D, H, W)` order into tokens; `to_qkv` (a bias-free linear layer) gives
+    `heads * head_dim` features each for queries, keys and values, with the head index as the outer factor of those
+    features. The merged heads go back to `channels` through a 1x1x1 convolution (`to_out`). Normalisation and the
+    residual connection belong to the caller (see [`ResidualVolumeAttention`]), so the same module serves every
+    model.
+
+    Args:
+        channels: Channels of the input and output feature map.
+        heads: Number of attention heads.
+        head_dim: Features per head.
+    """
+
+    def __init__(self, channels: int, heads: int = 4, head_dim: int = 32):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        inner_dim = heads * head_dim
+        self.to_qkv = nn.Linear(channels, inner_dim * 3, bias=False)
+        self.to_out = nn.Conv3d(inner_dim, channels, kernel_size=1)
+        self.processor = VolumeAttnProcessor()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, _, depth, height, width = hidden_states.shape
+        tokens = hidden_states.flatten(2).transpose(1, 2)
+        query, key, value = self.to_qkv(tokens).chunk(3, dim=-1)
+        query, key, value = (
+            t.reshape(batch, -1, self.heads, self.head_dim).transpose(1, 2) for t in (query, key, value)
+        )
+        out = self.processor(self, query, key, value)
+        out = out.transpose(1, 2).reshape(batch, depth, height, width, self.heads * self.head_dim)
+        return self.to_out(out.permute(0, 4, 1, 2, 3))
+
+
+class ResidualVolumeAttention(nn.Module):
+    """`x + attention(norm(x))`: a [`VolumeAttention`] with a pre-normalisation and a residual connection.
+
+    The children are named `norm` and `attention`, so the weights are `norm.*` and `attention.to_qkv/to_out.*`
+    whatever the normalisation is.
+
+    Args:
+        channels: Channels of the feature map.
+        heads: Number of attention heads.
+        head_dim: Features per head.
+        norm: The normalisation applied before attention, e.g. `nn.GroupNorm(24, channels)` (the autoencoder) or
+            [`ChannelLayerNorm`] (the BiFlowNet U-Net).
+    """
+
+    def __init__(self, channels: int, heads: int, head_dim: int, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.attention = VolumeAttention(channels, heads=heads, head_dim=head_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.attention(self.norm(hidden_states))
+
+
+class TokenAttention(AttentionProcessorMixin, nn.Module):
+    """Multi-head self-attention over a `(B, L, dim)` token sequence (`to_qkv` with bias, processor, `to_out`).
+
+    `to_qkv` gives `dim` features each for queries, keys and values (in that order, heads the outer factor within
+    each); the default processor is PyTorch SDPA.
+
+    Args:
+        dim: Token width (divisible by `heads`).
+        heads: Number of attention heads.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"DiT width {dim} is not divisible by its {heads} heads.")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.to_qkv = nn.Linear(dim, dim * 3)
+        self.to_out = nn.Linear(dim, dim)
+        self.processor = VolumeAttnProcessor()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = tokens.shape
+        qkv = self.to_qkv(tokens).reshape(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self.processor(self, qkv[0], qkv[1], qkv[2])
+        return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))

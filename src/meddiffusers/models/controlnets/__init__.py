@@ -1,0 +1,1 @@
+from .controlnet_3d import ControlNet3DModel, ControlNet3DOutput

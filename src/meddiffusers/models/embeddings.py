@@ -1,0 +1,66 @@
+"""Timestep, vector and position embeddings shared by the diffusion models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from diffusers.models.embeddings import TimestepEmbedding
+
+
+def sinusoidal_timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """`[sin(t·f) ‖ cos(t·f)]` with `f_i = exp(-ln(10000) · i / (dim / 2 - 1))`, computed in float32.
+
+    Mathematically this is diffusers' `get_timestep_embedding(t, dim, flip_sin_to_cos=False,
+    downscale_freq_shift=1)`, but that function orders the float32 operations differently (it divides the exponents
+    after scaling them), which moves values by up to 7e-5 at t≈999. The operations here follow the 3D MedDiffusion
+    code, so converted models see the embeddings they were trained with.
+
+    Args:
+        timesteps: One timestep per batch item, shape `(B,)` (integers or floats).
+        dim: Width of the embedding (even).
+    """
+    half = dim // 2
+    exponent = torch.arange(half, device=timesteps.device, dtype=torch.float32) * -(math.log(10000) / (half - 1))
+    arguments = timesteps.reshape(-1).float()[:, None] * torch.exp(exponent)[None, :]
+    return torch.cat([arguments.sin(), arguments.cos()], dim=-1)
+
+
+class TwoLayerEmbedding(TimestepEmbedding):
+    """`Linear -> activation -> Linear` (`linear_1`, `linear_2`): the MLP that turns an encoding into a vector.
+
+    diffusers' `TimestepEmbedding` with the activation named `activation`; it embeds timestep encodings as well as
+    other small vectors (BiFlowNet's resolution condition).
+
+    Args:
+        in_features: Width of the encoding.
+        out_features: Width of both linear layers' outputs.
+        activation: `"gelu"` or `"silu"` (any name diffusers' `get_activation` knows).
+    """
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "silu"):
+        super().__init__(in_features, out_features, act_fn=activation)
+
+
+def _sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    angles = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_position_embedding_3d(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 3D sin-cos position embedding of a `grid_size³` token grid, `(grid_size³, embed_dim)`.
+
+    Each axis gets `embed_dim / 3` features ([D ‖ H ‖ W]); tokens are ordered D-major, W fastest.
+
+    Args:
+        embed_dim: Token width (divisible by 6).
+        grid_size: Tokens per side.
+    """
+    if embed_dim % 6:
+        raise ValueError(f"The DiT width must be divisible by 6 for a 3D sin-cos embedding, got {embed_dim}.")
+    coords = np.arange(grid_size, dtype=np.float64)
+    grid_d, grid_h, grid_w = np.meshgrid(coords, coords, coords, indexing="ij")
+    parts = [_sincos_1d(embed_dim // 3, axis) for axis in (grid_d, grid_h, grid_w)]
+    return torch.from_numpy(np.concatenate(parts, axis=1)).float()

@@ -1,0 +1,1 @@
+from .biflownet import BiFlowNet3DModel, BiFlowNet3DOutput
