@@ -88,13 +88,13 @@ def test_generate_defaults_to_the_bundled_demo_model(tmp_path, capsys):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if a command loads a model: bad input must be reported before that."""
-    from meddiffusers import cli
+    from meddiffusers.models.autoencoders import loading
     from meddiffusers.pipelines import MedDiffusionPipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded although the input was bad")
 
-    monkeypatch.setattr(cli, "_load_vqvae", refuse)
+    monkeypatch.setattr(loading, "load_vq_model", refuse)
     monkeypatch.setattr(MedDiffusionPipeline, "from_pretrained", refuse)
 
 
@@ -354,3 +354,19 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"meddiffusers {__version__} (torch ")
+
+
+def test_generate_with_a_fast_scheduler_matches_the_original_sampler(tmp_path):
+    """The README's `--scheduler dpm++ --steps 25` gives the volume DDIM-100 gives from the same seed."""
+    common = ["generate", "--region", "MRBrain", "--seed", "0"]
+    assert main([*common, "--output", str(tmp_path / "ddim.nii.gz")]) == 0
+    assert main([*common, "--scheduler", "dpm++", "--steps", "25", "--output", str(tmp_path / "dpm.nii.gz")]) == 0
+    reference = nib.load(tmp_path / "ddim.nii.gz").get_fdata().ravel()
+    fast = nib.load(tmp_path / "dpm.nii.gz").get_fdata().ravel()
+    assert np.corrcoef(reference, fast)[0, 1] >= 0.9
+
+
+def test_unknown_scheduler_fails_before_loading(tmp_path, capsys, no_model_loading):
+    output = tmp_path / "x.nii.gz"
+    assert main(["generate", "--region", "MRBrain", "--output", str(output), "--scheduler", "magic"]) == 2
+    assert "Unknown --scheduler 'magic'" in capsys.readouterr().err and not output.exists()

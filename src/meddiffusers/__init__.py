@@ -31,8 +31,16 @@ from .models import (
     VQModel3D,
     VQModel3DEncoderOutput,
 )
-from .pipelines import MedDiffusionControlNetPipeline, MedDiffusionPipeline, MedDiffusionPipelineOutput
+from .models.autoencoders import load_vq_model
+from .pipelines import (
+    MedDiffusionControlNetPipeline,
+    MedDiffusionPipeline,
+    MedDiffusionPipelineOutput,
+    VolumePipeline,
+    VolumePipelineOutput,
+)
 from .schedulers import MedDiffusionDDIMScheduler, meddiffusion_cosine_betas, scheduler_from_name
+from .utils import sliding_window_inference
 
 register_with_diffusers()
 
@@ -58,6 +66,8 @@ __all__ = [
     "ResidualVolumeAttention",
     "SchedulerMixin",
     "VQModel3D",
+    "VolumePipeline",
+    "VolumePipelineOutput",
     "VQModel3DEncoderOutput",
     "VectorQuantizer3D",
     "VectorQuantizer3DOutput",
@@ -66,6 +76,8 @@ __all__ = [
     "VolumeXFormersAttnProcessor",
     "load_nifti",
     "load_original_checkpoint",
+    "load_vq_model",
+    "sliding_window_inference",
     "load_original_model",
     "meddiffusion_cosine_betas",
     "meddiffusion_regions",

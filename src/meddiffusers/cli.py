@@ -8,14 +8,6 @@ import sys
 import time
 
 
-def _load_vqvae(source: str, subfolder: str | None):
-    from .models import VQModel3D
-
-    if os.path.isfile(source):
-        return VQModel3D.from_single_file(source)
-    return VQModel3D.from_pretrained(source, subfolder=subfolder)
-
-
 def _intensity_transform(name: str):
     from .io import HUWindow, PercentileScaling
 
@@ -238,6 +230,7 @@ def autoencode(args: argparse.Namespace) -> int:
     import torch
 
     from .io import HUWindow, affine_from_tensor_spacing, load_nifti, save_nifti
+    from .models.autoencoders.loading import load_vq_model
 
     # Every argument is checked, and the input read, before the model is loaded.
     check_device(args.device)
@@ -251,7 +244,7 @@ def autoencode(args: argparse.Namespace) -> int:
     transform = _intensity_transform(args.intensity)
     _check_source(args.vqvae, "--vqvae")
     volume = load_nifti(args.input)
-    vqvae = _load_vqvae(args.vqvae, args.subfolder).to(args.device).eval()
+    vqvae = load_vq_model(args.vqvae, subfolder=args.subfolder).to(args.device).eval()
     if args.tile:
         vqvae.enable_tiling()
     if isinstance(transform, HUWindow):
@@ -286,9 +279,11 @@ def generate(args: argparse.Namespace) -> int:
     import torch
 
     from .pipelines import MedDiffusionPipeline
-    from .schedulers import scheduler_from_name
+    from .schedulers import SCHEDULERS, scheduler_from_name
 
     # Every argument is checked, reading only model_index.json, before the model is loaded.
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown --scheduler {args.scheduler!r}; choose one of {', '.join(sorted(SCHEDULERS))}.")
     if args.num_volumes < 1 or args.steps < 1:
         raise ValueError("--num-volumes and --steps must be at least 1.")
     if args.volume_size and min(args.volume_size) < 1:
@@ -322,6 +317,7 @@ def generate(args: argparse.Namespace) -> int:
         generator=generator,
         num_volumes_per_region=args.num_volumes,
         volume_size=size,
+        eta=args.eta,
         output_type="pt",
     )
     paths = output.save(args.output)
@@ -358,7 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
         "name is refused.",
     )
     gen.add_argument("--steps", type=int, default=100, help="Denoising steps (default 100).")
-    gen.add_argument("--scheduler", default=None, help="ddim (original), ddpm, dpm++, unipc, euler, heun, deis, ...")
+    gen.add_argument(
+        "--scheduler",
+        default=None,
+        help="Sampler: ddim (the original, default for the released and demo models), ddpm, diffusers-ddim, dpm++, "
+        "dpm++-singlestep, unipc, deis, pndm, euler, euler-ancestral, heun or kdpm2 (the fast solvers need about "
+        "25 --steps).",
+    )
+    gen.add_argument(
+        "--eta",
+        type=float,
+        default=0.0,
+        help="DDIM stochasticity (0 deterministic, 1 the original stochastic sampler).",
+    )
     gen.add_argument("--seed", type=int, default=None, help="Random seed for reproducible volumes.")
     gen.add_argument("--num-volumes", type=int, default=1, help="Volumes to generate.")
     gen.add_argument("--volume-size", type=int, nargs=3, metavar=("D", "H", "W"), help="Override the region's size.")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meddiffusers import MedDiffusionPipeline, PercentileScaling, VQModel3D, load_nifti, save_nifti
+from meddiffusers import MedDiffusionPipeline, VQModel3D, load_nifti, save_nifti
 from meddiffusers.training.data import VolumeDataset, VolumePreprocessor, read_manifest
 from meddiffusers.training.vq_losses import VGG16Features
 
@@ -150,7 +150,7 @@ def test_reconstruction_loss_goes_down_on_a_real_volume(tmp_path):
     trained = VQModel3D.from_pretrained(tmp_path / "ae" / "vqvae").eval()
     early = VQModel3D.from_config(trained.config).eval()
     early.load_state_dict(load_file(tmp_path / "ae" / "checkpoint-1" / "model.safetensors"))
-    volume = PercentileScaling()(crop)
+    volume = VolumePreprocessor()(str(tmp_path / "crop.nii.gz"))[None]  # what training saw: reoriented to RAS, scaled
     before, after = reconstruction_error(early, volume), reconstruction_error(trained, volume)
     print(f"mean |reconstruction - input| on a real MRI block: after 1 step {before:.3f}, after 80 steps {after:.3f}")
     assert after < 0.75 * before

@@ -72,3 +72,39 @@ def test_add_noise_matches_original_q_sample(ref):
     scheduler = MedDiffusionDDIMScheduler()
     noisy = scheduler.add_noise(ref["qs_x_start"], ref["qs_noise"], ref["qs_t"])
     torch.testing.assert_close(noisy, ref["qs_x_noisy"], atol=1e-6, rtol=1e-6)
+
+
+def test_configs_saved_by_older_versions_load_and_swap_without_warnings(tmp_path):
+    import json
+    import logging
+
+    import diffusers
+
+    MedDiffusionDDIMScheduler().save_pretrained(tmp_path)
+    path = tmp_path / "scheduler_config.json"
+    legacy = json.loads(path.read_text())
+    for key in MedDiffusionDDIMScheduler.SOLVER_SETTINGS:
+        legacy.pop(key)
+    legacy["use_clipped_model_output"] = False  # an init argument before it became a `step` argument
+    path.write_text(json.dumps(legacy))
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = diffusers.utils.logging.get_logger("diffusers.configuration_utils")
+    logger.addHandler(handler)
+    try:
+        scheduler = MedDiffusionDDIMScheduler.from_pretrained(tmp_path)
+        euler = EulerDiscreteScheduler.from_config(scheduler.config)
+    finally:
+        logger.removeHandler(handler)
+    assert not messages
+    assert euler.config.timestep_spacing == "leading"
+    assert "use_clipped_model_output" not in scheduler.config
+
+
+def test_solver_settings_survive_a_chain_of_from_config():
+    scheduler = MedDiffusionDDIMScheduler()
+    for cls in (DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler, DDPMScheduler):
+        scheduler = cls.from_config(scheduler.config)
+        assert scheduler.config.timestep_spacing == "leading"
+        assert scheduler.config.thresholding is True and scheduler.config.sample_max_value == 1.0

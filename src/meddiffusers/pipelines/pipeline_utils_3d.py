@@ -93,8 +93,10 @@ def alpha_bar_at(scheduler, timestep) -> float | None:
 
 def bounds_predicted_sample(scheduler) -> bool:
     """Whether the scheduler clips or thresholds its `x0` estimate."""
+    # A config can carry keys kept for other schedulers: only those this scheduler takes count.
+    accepted = inspect.signature(type(scheduler).__init__).parameters
     config = scheduler.config
-    return bool(config.get("clip_sample", False) or config.get("thresholding", False))
+    return any(config.get(key, False) for key in ("clip_sample", "thresholding") if key in accepted)
 
 
 class VolumePipeline(DiffusionPipeline):

@@ -94,6 +94,9 @@ class MedDiffusionDDIMScheduler(SchedulerMixin, ConfigMixin):
                 f"{misplaced} are sampling arguments, not configuration: pass them to the pipeline call "
                 "(`pipe(..., eta=1.0)`) or to `scheduler.step(...)`."
             )
+        if isinstance(config, dict) and "use_clipped_model_output" in config:
+            # Saved by meddiffusers < 0.1 as configuration; it is a `step` argument now, and other schedulers reject it.
+            config = {key: value for key, value in config.items() if key != "use_clipped_model_output"}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:

@@ -115,6 +115,17 @@ class MedDiffusionPipeline(VolumePipeline):
         finally:
             self.vqvae.use_tiling = was_tiling
 
+    def package_output(self, latents, regions: list[Region], volume_size, output_type: str, return_dict: bool):
+        """Decode the final latents (unless `output_type="latent"`) and return them with affines and region names."""
+        volumes = latents if output_type == "latent" else self.decode_latents(latents).float().cpu()
+        affines = self.region_affines(regions, volume_size, output_type)
+        volumes = self.postprocess(volumes, affines, output_type)
+        names = [region.name for region in regions]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (volumes, affines, names)
+        return MedDiffusionPipelineOutput(volumes=volumes, affines=affines, regions=names)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -189,11 +200,4 @@ class MedDiffusionPipeline(VolumePipeline):
                 progress_bar.update()
 
         # 4. Decode and package with each region's geometry.
-        volumes = latents if output_type == "latent" else self.decode_latents(latents).float().cpu()
-        affines = self.region_affines(regions, volume_size, output_type)
-        volumes = self.postprocess(volumes, affines, output_type)
-        names = [r.name for r in regions]
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (volumes, affines, names)
-        return MedDiffusionPipelineOutput(volumes=volumes, affines=affines, regions=names)
+        return self.package_output(latents, regions, volume_size, output_type, return_dict)

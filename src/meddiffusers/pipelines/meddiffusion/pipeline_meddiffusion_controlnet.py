@@ -161,11 +161,4 @@ class MedDiffusionControlNetPipeline(MedDiffusionPipeline):
                 progress_bar.update()
 
         # 4. Decode and package.
-        volumes = latents if output_type == "latent" else self.decode_latents(latents).float().cpu()
-        affines = self.region_affines(regions, volume_size, output_type)
-        volumes = self.postprocess(volumes, affines, output_type)
-        names = [r.name for r in regions]
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (volumes, affines, names)
-        return MedDiffusionPipelineOutput(volumes=volumes, affines=affines, regions=names)
+        return self.package_output(latents, regions, volume_size, output_type, return_dict)
