@@ -95,7 +95,7 @@ class MedDiffusionDDIMScheduler(SchedulerMixin, ConfigMixin):
                 "(`pipe(..., eta=1.0)`) or to `scheduler.step(...)`."
             )
         if isinstance(config, dict) and "use_clipped_model_output" in config:
-            # Saved by meddiffusers < 0.1 as configuration; it is a `step` argument now, and other schedulers reject it.
+            # Saved as configuration by earlier meddiffusers; now a `step` argument, which other schedulers reject.
             config = {key: value for key, value in config.items() if key != "use_clipped_model_output"}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
