@@ -78,7 +78,7 @@ def test_generate_defaults_to_the_bundled_demo_model(tmp_path, capsys):
     assert main(["generate", "--region", "MRBrain", "--output", str(output), "--steps", "3", "--seed", "0"]) == 0
     image = nib.load(output)
     assert image.shape == (64, 64, 32) and np.isfinite(image.get_fdata()).all()
-    assert image.header.get_zooms() == (4.0, 4.0, 6.0)
+    assert image.header.get_zooms() == (4.0, 4.0, 8.0)
     assert "bundled demo model" in capsys.readouterr().out
 
 
@@ -293,7 +293,7 @@ def test_regions_lists_the_bundled_demo_model(capsys):
     cells = [re.split(r"\s{2,}", line) for line in lines[1:4]]  # columns are separated by two or more spaces
     assert cells == [
         ["class id", "name", "aliases", "size (D x H x W)", "spacing mm (D x H x W)", "description"],
-        ["0", "MRBrainT1", "MRBrain, MRT1Brain, BrainT1", "32 x 64 x 64", "6 x 4 x 4", DEMO_DESCRIPTIONS[0]],
+        ["0", "MRBrainT1", "MRBrain, MRT1Brain, BrainT1", "32 x 64 x 64", "8 x 4 x 4", DEMO_DESCRIPTIONS[0]],
         ["1", "CTChestAbdomen", "CTChest, CTThorax", "32 x 64 x 64", "7.5 x 4.5625 x 4.5625", DEMO_DESCRIPTIONS[1]],
     ]
     assert lines[4] == "Pass a name, an alias or a class id to `meddiffusers generate --region`."

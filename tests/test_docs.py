@@ -20,6 +20,6 @@ def test_quicktour_code_runs_as_written(tmp_path, monkeypatch):
     assert namespace["output"].regions == ["MRBrainT1"]
     assert [Path(path).name for path in namespace["paths"]] == ["MRBrainT1_0.nii.gz"]
     image = nib.load(tmp_path / "generated" / "MRBrainT1_0.nii.gz")
-    assert image.shape == (64, 64, 32) and image.header.get_zooms() == (4.0, 4.0, 6.0)
+    assert image.shape == (64, 64, 32) and image.header.get_zooms() == (4.0, 4.0, 8.0)
     assert tuple(namespace["fast"].volumes.shape) == (1, 1, 32, 64, 64)
     assert tuple(namespace["latents"].shape) == (1, 4, 16, 32, 32)  # 62 slices padded to 64, 4x downsampling
