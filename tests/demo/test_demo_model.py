@@ -7,14 +7,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from meddiffusers import MedDiffusionPipeline
+from meddiffusers import MedDiffusionPipeline, load_nifti
 from meddiffusers.demo import DEMO_MODEL_PATH, demo_model_path
 from meddiffusers.training.data import VolumePreprocessor
 from meddiffusers.training.latents import center_crop_or_pad
 
 # The MR training volume of the demo (stored LSA), shipped with the examples.
 MR_VOLUME = Path(__file__).resolve().parents[2] / "examples" / "data" / "mr_t1_itk_kmeanstest.nii.gz"
+# Four axial slices of the CT training volume at twice the demo's in-plane resolution (stored LPS).
+CT_SLAB = Path(__file__).resolve().parents[1] / "fixtures" / "ct_chest_pyradiomics_lung1_crop.nii.gz"
 SEEDS = (0, 1, 2)
 
 
@@ -67,6 +70,29 @@ def test_generated_brains_match_the_canonical_training_volume_and_not_a_reorient
             # A head is nearly left-right symmetric, so its mirror image is the closest wrong orientation.
             margin = 0.05 if "left-right" in name else 0.1
             assert score > other + margin, f"seed {seed}: {score:.3f} vs {other:.3f} {name}"
+
+
+def test_generated_chests_have_the_canonical_axial_layout(pipe):
+    """The chest was rotated 90 degrees in plane in the old demo: its best axial slice must match the RAS+ slab."""
+    region = pipe.get_region("CTChest")
+    slab = load_nifti(str(CT_SLAB), canonical=True)
+    assert slab.spacing[1] * 2 == region.spacing[1] and slab.spacing[2] * 2 == region.spacing[2]
+    hounsfield = slab.tensor.float().clamp(-1000, 1000)
+    axial = F.interpolate(hounsfield, size=(hounsfield.shape[2], *region.volume_size[1:]), mode="area")
+    reference = axial[0, 0].mean(0).numpy()
+    wrong = {
+        "mirrored left-right": reference[::-1],
+        "flipped anterior-posterior": reference[:, ::-1],
+        **{f"rotated {90 * k} degrees": np.rot90(reference, k) for k in (1, 2, 3)},
+    }
+    for seed in SEEDS:
+        generator = torch.Generator().manual_seed(seed)
+        chest = pipe("CTChest", num_inference_steps=20, generator=generator, output_type="np").volumes[0, 0]
+        score = max(correlation(axial_slice, reference) for axial_slice in chest)
+        assert score > 0.9, f"seed {seed}: best axial correlation {score:.3f}"
+        for name, image in wrong.items():
+            other = max(correlation(axial_slice, np.ascontiguousarray(image)) for axial_slice in chest)
+            assert score > other + 0.1, f"seed {seed}: {score:.3f} vs {other:.3f} {name}"
 
 
 def test_written_affine_says_ras_with_the_region_spacing(pipe):
