@@ -13,6 +13,7 @@ from .io import (
     Region,
     RegionRegistry,
     load_nifti,
+    meddiff_fm_regions,
     meddiffusion_regions,
     save_nifti,
 )
@@ -22,7 +23,10 @@ from .models import (
     BiFlowNet3DOutput,
     ControlNet3DModel,
     ControlNet3DOutput,
+    PatchUNet3DModel,
+    PatchUNet3DOutput,
     ResidualVolumeAttention,
+    SpatialTransformer3D,
     VectorQuantizer3D,
     VectorQuantizer3DOutput,
     VolumeAttention,
@@ -33,18 +37,21 @@ from .models import (
 )
 from .models.autoencoders import load_vq_model
 from .pipelines import (
+    AnomalyDetectionOutput,
     MedDiffusionControlNetPipeline,
     MedDiffusionPipeline,
     MedDiffusionPipelineOutput,
+    PatchSlidingWindowPipeline,
     VolumePipeline,
     VolumePipelineOutput,
 )
 from .schedulers import MedDiffusionDDIMScheduler, meddiffusion_cosine_betas, scheduler_from_name
-from .utils import sliding_window_inference
+from .utils import sliding_window_inference, window_coordinates
 
 register_with_diffusers()
 
 __all__ = [
+    "AnomalyDetectionOutput",
     "BiFlowNet3DModel",
     "BiFlowNet3DOutput",
     "ConfigMixin",
@@ -60,11 +67,15 @@ __all__ = [
     "MedDiffusionPipelineOutput",
     "ModelMixin",
     "NiftiVolume",
+    "PatchSlidingWindowPipeline",
+    "PatchUNet3DModel",
+    "PatchUNet3DOutput",
     "PercentileScaling",
     "Region",
     "RegionRegistry",
     "ResidualVolumeAttention",
     "SchedulerMixin",
+    "SpatialTransformer3D",
     "VQModel3D",
     "VolumePipeline",
     "VolumePipelineOutput",
@@ -78,8 +89,10 @@ __all__ = [
     "load_original_checkpoint",
     "load_vq_model",
     "sliding_window_inference",
+    "window_coordinates",
     "load_original_model",
     "meddiffusion_cosine_betas",
+    "meddiff_fm_regions",
     "meddiffusion_regions",
     "save_nifti",
     "scheduler_from_name",

@@ -10,4 +10,4 @@ from .nifti import (
     tensor_to_nifti_array,
     tensor_to_nifti_image,
 )
-from .regions import Region, RegionRegistry, meddiffusion_regions
+from .regions import Region, RegionRegistry, meddiff_fm_regions, meddiffusion_regions

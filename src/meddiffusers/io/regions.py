@@ -22,6 +22,8 @@ class Region:
         spacing: Voxel spacing in millimetres for `volume_size`, tensor order `(D, H, W)`.
         other_sizes: Further `(volume_size, spacing)` pairs the model was trained at.
         description: Human-readable description.
+        intensity_window: `(low, high)` scanner values (HU for CT) mapped to the model's `[-1, 1]`, for models
+            trained on a fixed window (MedDiff-FM); `None` where intensities were scaled per volume.
     """
 
     name: str
@@ -31,6 +33,7 @@ class Region:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     other_sizes: tuple = field(default=())
     description: str = ""
+    intensity_window: tuple[float, float] | None = None
 
     def spacing_for(self, volume_size) -> tuple[float, float, float]:
         """Spacing recorded for `volume_size` (the default spacing for sizes the model was not trained at)."""
@@ -41,7 +44,7 @@ class Region:
 
     def to_dict(self) -> dict:
         """JSON-ready form, as saved in `model_index.json`."""
-        return {
+        data = {
             "name": self.name,
             "class_id": self.class_id,
             "aliases": list(self.aliases),
@@ -50,6 +53,9 @@ class Region:
             "other_sizes": [[list(size), list(spacing)] for size, spacing in self.other_sizes],
             "description": self.description,
         }
+        if self.intensity_window is not None:  # only where set, so configs of other models keep their keys
+            data["intensity_window"] = list(self.intensity_window)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Region:
@@ -62,6 +68,7 @@ class Region:
             spacing=tuple(data.get("spacing") or (1.0, 1.0, 1.0)),
             other_sizes=tuple((tuple(s), tuple(p)) for s, p in data.get("other_sizes") or ()),
             description=data.get("description", ""),
+            intensity_window=tuple(data["intensity_window"]) if data.get("intensity_window") else None,
         )
 
 
@@ -175,5 +182,31 @@ def meddiffusion_regions() -> RegionRegistry:
             ),
             Region("MRAbdomen", 5, ("MRBody", "MRIAbdomen"), (128, 256, 256), (2.0, 1.2, 1.2), (), "abdominal MRI"),
             Region("MRKnee", 6, ("MRIKnee",), (64, 320, 320), (1.0, 1.0, 1.0), (), "knee MRI"),
+        ]
+    )
+
+
+def meddiff_fm_regions() -> RegionRegistry:
+    """MedDiff-FM's three CT regions, 1 mm voxels, with the paper's HU windows (level / width 50 / 400 head and
+    neck, -500 / 1800 chest, 60 / 360 abdomen). The default size is one 128³ window."""
+    window = (128, 128, 128)
+    return RegionRegistry(
+        [
+            Region(
+                "HeadNeck",
+                0,
+                ("HaN", "HeadAndNeck", "CTHeadNeck"),
+                window,
+                (1.0, 1.0, 1.0),
+                (),
+                "CT of the head and neck",
+                (-150.0, 250.0),
+            ),  # fmt: skip
+            Region(
+                "Chest", 1, ("CTChest", "Thorax"), window, (1.0, 1.0, 1.0), (), "CT of the chest", (-1400.0, 400.0)
+            ),  # fmt: skip
+            Region(
+                "Abdomen", 2, ("CTAbdomen",), window, (1.0, 1.0, 1.0), (), "CT of the abdomen", (-120.0, 240.0)
+            ),  # fmt: skip
         ]
     )

@@ -1,5 +1,6 @@
 from .attention import (
     ResidualVolumeAttention,
+    SpatialTransformer3D,
     TokenAttention,
     VolumeAttention,
     VolumeAttnProcessor,
@@ -10,4 +11,4 @@ from .controlnets import ControlNet3DModel, ControlNet3DOutput
 from .normalization import ChannelLayerNorm
 from .resnet import ConditionedResnetBlock3D, ResnetBlock3D
 from .sampling import Downsample3D, Upsample3D
-from .unets import BiFlowNet3DModel, BiFlowNet3DOutput
+from .unets import BiFlowNet3DModel, BiFlowNet3DOutput, PatchUNet3DModel, PatchUNet3DOutput

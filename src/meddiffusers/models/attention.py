@@ -5,12 +5,14 @@ head_dim)` tensors: [`VolumeAttention`] (all voxels of a `(B, C, D, H, W)` featu
 (a `(B, L, dim)` token sequence, as in DiT blocks). Both expose `get_processor` / `set_processor` and
 `set_use_memory_efficient_attention_xformers`, so diffusers' `model.attn_processors`, `model.set_attn_processor(...)`
 and `model.enable_xformers_memory_efficient_attention()` reach every attention layer of a model.
+[`SpatialTransformer3D`] wraps diffusers' own transformer block, whose attention uses diffusers' processors.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.utils import is_xformers_available
 from torch import nn
 
@@ -157,3 +159,51 @@ class TokenAttention(AttentionProcessorMixin, nn.Module):
         qkv = self.to_qkv(tokens).reshape(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = self.processor(self, qkv[0], qkv[1], qkv[2])
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class SpatialTransformer3D(nn.Module):
+    """Transformer blocks over the voxels of a 3D feature map (the latent-diffusion "spatial transformer").
+
+    `GroupNorm -> Linear -> diffusers BasicTransformerBlock(s) -> Linear` on the flattened voxels, added to the input.
+    Each block has self-attention, optional cross-attention to `encoder_hidden_states` and a GEGLU feed-forward; its
+    attention goes through diffusers' attention processors (SDPA by default, xformers where installed), so
+    `set_attn_processor` and `enable_xformers_memory_efficient_attention` of the model reach it. The output
+    projection starts at zero, so a new transformer starts as the identity.
+
+    Args:
+        channels: Channels of the feature map.
+        heads: Attention heads.
+        head_dim: Features per head.
+        num_layers: Transformer blocks.
+        cross_attention_dim: Width of the context tokens, or `None` for self-attention only.
+        norm_num_groups: Groups of the input GroupNorm.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        num_layers: int = 1,
+        cross_attention_dim: int | None = None,
+        norm_num_groups: int = 32,
+    ):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, head_dim, cross_attention_dim=cross_attention_dim)
+            for _ in range(num_layers)
+        )
+        self.proj_out = nn.Linear(inner, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        batch, _, depth, height, width = hidden_states.shape
+        tokens = self.proj_in(self.norm(hidden_states).flatten(2).transpose(1, 2))
+        for block in self.transformer_blocks:
+            tokens = block(tokens, encoder_hidden_states=encoder_hidden_states)
+        tokens = self.proj_out(tokens)
+        return hidden_states + tokens.transpose(1, 2).reshape(batch, -1, depth, height, width)

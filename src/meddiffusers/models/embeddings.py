@@ -64,3 +64,31 @@ def sincos_position_embedding_3d(embed_dim: int, grid_size: int) -> torch.Tensor
     grid_d, grid_h, grid_w = np.meshgrid(coords, coords, coords, indexing="ij")
     parts = [_sincos_1d(embed_dim // 3, axis) for axis in (grid_d, grid_h, grid_w)]
     return torch.from_numpy(np.concatenate(parts, axis=1)).float()
+
+
+def fourier_position_encoding(
+    position: torch.Tensor, num_frequencies: int, include_input: bool = True
+) -> torch.Tensor:
+    """NeRF-style encoding of coordinate maps: `[p, sin(2^k π p), cos(2^k π p)]` for `k < num_frequencies`.
+
+    Args:
+        position: `(B, 3, D, H, W)` coordinates (in `[-1, 1]` for global window positions).
+        num_frequencies: Number of octaves `L` (0 keeps only the raw coordinates).
+        include_input: Keep the raw coordinates as the first 3 channels.
+
+    Returns:
+        `(B, 3 * include_input + 6 * L, D, H, W)`: the raw channels, then per frequency the sines of the three
+        coordinates followed by their cosines.
+    """
+    channels = [position] if include_input else []
+    for k in range(num_frequencies):
+        angle = position * (math.pi * 2.0**k)
+        channels += [torch.sin(angle), torch.cos(angle)]
+    if not channels:
+        raise ValueError("The position encoding is empty: use num_frequencies > 0 or include_input=True.")
+    return torch.cat(channels, dim=1)
+
+
+def position_encoding_channels(num_frequencies: int, include_input: bool = True) -> int:
+    """Channels of [`fourier_position_encoding`] for 3D coordinates."""
+    return 3 * int(include_input) + 6 * num_frequencies

@@ -1,2 +1,3 @@
+from .meddiff_fm import AnomalyDetectionOutput, PatchSlidingWindowPipeline
 from .meddiffusion import MedDiffusionControlNetPipeline, MedDiffusionPipeline, MedDiffusionPipelineOutput
 from .pipeline_utils_3d import VolumePipeline, VolumePipelineOutput

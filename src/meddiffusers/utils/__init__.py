@@ -1,5 +1,6 @@
 """Volume utilities shared by models, pipelines, training and examples: sliding windows, pad/crop/resample."""
 
+from .coordinates import window_coordinates
 from .sliding_window import sliding_window_inference, window_locations, window_starts, window_weights
 from .volume import (
     center_crop_or_pad,
@@ -21,6 +22,7 @@ __all__ = [
     "size_for_spacing",
     "sliding_window_inference",
     "split_into_patches",
+    "window_coordinates",
     "window_locations",
     "window_starts",
     "window_weights",

@@ -1,1 +1,2 @@
 from .biflownet import BiFlowNet3DModel, BiFlowNet3DOutput
+from .unet_patch_3d import PatchUNet3DModel, PatchUNet3DOutput

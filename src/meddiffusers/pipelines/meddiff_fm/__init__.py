@@ -1,0 +1,1 @@
+from .pipeline_patch_sliding_window import AnomalyDetectionOutput, PatchSlidingWindowPipeline
