@@ -9,6 +9,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 
 from meddiffusers.models.embeddings import (
     TwoLayerEmbedding,
+    fourier_position_encoding,
+    position_encoding_channels,
     sincos_position_embedding_3d,
     sinusoidal_timestep_embedding,
 )
@@ -76,3 +78,14 @@ def test_sincos_position_embedding_3d_gives_each_axis_a_third_of_the_features():
         torch.testing.assert_close(token[4 * axis : 4 * axis + 4], expected)
     with pytest.raises(ValueError, match="divisible by 6"):
         sincos_position_embedding_3d(8, 2)
+
+
+def test_fourier_position_encoding_matches_its_formula():
+    position = torch.rand(2, 3, 2, 3, 4) * 2 - 1
+    encoded = fourier_position_encoding(position, num_frequencies=3)
+    assert encoded.shape[1] == position_encoding_channels(3) == 21
+    torch.testing.assert_close(encoded[:, :3], position)
+    torch.testing.assert_close(encoded[:, 3:6], torch.sin(math.pi * position))
+    torch.testing.assert_close(encoded[:, 6:9], torch.cos(math.pi * position))
+    torch.testing.assert_close(encoded[:, 15:18], torch.sin(4 * math.pi * position))
+    assert fourier_position_encoding(position, 2, include_input=False).shape[1] == 12

@@ -59,7 +59,7 @@ def window_coordinates(
     window = tuple(window) if window is not None else tuple(slice(0, side) for side in size)
     if len(window) != 3 or not all(isinstance(part, slice) for part in window):
         raise ValueError(f"`window` must be three slices (D, H, W), got {window!r}.")
-    bounds = [part.indices(side)[:2] for part, side in zip(window, size)]
+    bounds = [(part.start or 0, side if part.stop is None else part.stop) for part, side in zip(window, size)]
     samples = as_triple(output_size, "output_size") if output_size is not None else [b - a for a, b in bounds]
     axes = [_axis_coordinates(side, a, b, n, dtype) for side, (a, b), n in zip(size, bounds, samples)]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
