@@ -370,3 +370,52 @@ def test_unknown_scheduler_fails_before_loading(tmp_path, capsys, no_model_loadi
     output = tmp_path / "x.nii.gz"
     assert main(["generate", "--region", "MRBrain", "--output", str(output), "--scheduler", "magic"]) == 2
     assert "Unknown --scheduler 'magic'" in capsys.readouterr().err and not output.exists()
+
+
+@pytest.fixture(scope="module")
+def patch_pipeline(tmp_path_factory):
+    """A tiny MedDiff-FM pipeline folder trained on 16³ windows."""
+    from diffusers import DDPMScheduler
+
+    from meddiffusers import PatchSlidingWindowPipeline, PatchUNet3DModel
+
+    torch.manual_seed(0)
+    unet = PatchUNet3DModel(
+        block_out_channels=(8, 16), attention_levels=(False, True), attention_head_dim=8, norm_num_groups=4
+    )
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", thresholding=True, sample_max_value=1.0)
+    folder = tmp_path_factory.mktemp("patch") / "pipeline"
+    PatchSlidingWindowPipeline(unet, scheduler, window_size=16).save_pretrained(folder)
+    return folder
+
+
+def test_generate_with_a_patch_model_writes_hounsfield_units_larger_than_one_window(patch_pipeline, tmp_path, capsys):
+    output = tmp_path / "chest.nii.gz"
+    args = ["generate", "--model", str(patch_pipeline), "--region", "CTChest", "--volume-size", "16", "32", "24"]
+    assert main([*args, "--steps", "2", "--scheduler", "ddim", "--seed", "0", "--output", str(output)]) == 0
+    image = nib.load(output)
+    assert image.shape == (32, 24, 16) and image.header.get_zooms() == (1.0, 1.0, 1.0)
+    values = image.get_fdata()
+    assert values.min() >= -1400 - 1e-3 and values.max() <= 400 + 1e-3 and values.std() > 1  # the chest HU window
+    assert "(16, 32, 24)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--volume-size", "15", "32", "24"], "multiples of 2"),
+        (["--overlap", "1.5"], "--overlap"),
+        (["--region", "Knee"], "Unknown region"),
+    ],
+)
+def test_generate_with_a_patch_model_refuses_bad_requests(patch_pipeline, tmp_path, capsys, extra, message):
+    output = tmp_path / "chest.nii.gz"
+    args = ["generate", "--model", str(patch_pipeline), "--region", "Chest", "--steps", "2", "--output", str(output)]
+    assert main([*args, *extra]) == 2
+    assert message in capsys.readouterr().err and not output.exists()
+
+
+def test_window_size_is_refused_for_a_meddiffusion_model(tmp_path, capsys):
+    args = ["generate", "--region", "MRBrain", "--window-size", "8", "8", "8", "--output", str(tmp_path / "a.nii")]
+    assert main(args) == 2
+    assert "PatchSlidingWindowPipeline" in capsys.readouterr().err

@@ -22,7 +22,8 @@ def _intensity_transform(name: str):
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Pipeline classes whose regions default to the released model's seven classes when model_index.json saves none.
-_DEFAULT_REGION_PIPELINES = ("MedDiffusionPipeline", "MedDiffusionControlNetPipeline")
+_DEFAULT_REGION_PIPELINES = ("MedDiffusionPipeline", "MedDiffusionControlNetPipeline", "PatchSlidingWindowPipeline")
+_GENERATE_PIPELINES = ("MedDiffusionPipeline", "PatchSlidingWindowPipeline")
 
 
 def available_devices() -> list[str]:
@@ -176,10 +177,12 @@ def read_model_index(model: str) -> tuple[dict, str]:
 
 def regions_from_index(index: dict, path: str):
     """The `RegionRegistry` saved in a `model_index.json` (the pipeline's default regions if it saves none)."""
-    from .io import RegionRegistry, meddiffusion_regions
+    from .io import RegionRegistry, meddiff_fm_regions, meddiffusion_regions
 
     regions = index.get("regions")
     if regions is None:
+        if index.get("_class_name") == "PatchSlidingWindowPipeline":
+            return meddiff_fm_regions()
         if index.get("_class_name") in _DEFAULT_REGION_PIPELINES:
             return meddiffusion_regions()
         raise ValueError(f"{path!r} ({index.get('_class_name', 'no pipeline class')}) defines no regions.")
@@ -275,10 +278,10 @@ def autoencode(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    """Generate volumes with a `MedDiffusionPipeline` and write them as NIfTI."""
+    """Generate volumes with a `MedDiffusionPipeline` or a `PatchSlidingWindowPipeline` and write them as NIfTI."""
     import torch
 
-    from .pipelines import MedDiffusionPipeline
+    from .pipelines import MedDiffusionPipeline, PatchSlidingWindowPipeline
     from .schedulers import SCHEDULERS, scheduler_from_name
 
     # Every argument is checked, reading only model_index.json, before the model is loaded.
@@ -288,6 +291,12 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("--num-volumes and --steps must be at least 1.")
     if args.volume_size and min(args.volume_size) < 1:
         raise ValueError(f"--volume-size must be positive, got {' '.join(map(str, args.volume_size))}.")
+    if args.window_size and min(args.window_size) < 1:
+        raise ValueError(f"--window-size must be positive, got {' '.join(map(str, args.window_size))}.")
+    if not 0 <= args.overlap < 1:
+        raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}.")
+    if args.window_batch_size < 1:
+        raise ValueError(f"--window-batch-size must be at least 1, got {args.window_batch_size}.")
     check_generate_output(args.output)
     check_device(args.device)
     demo = args.model is None
@@ -296,32 +305,53 @@ def generate(args: argparse.Namespace) -> int:
 
         args.model = demo_model_path()
     index, index_path = read_model_index(args.model)
-    if index.get("_class_name") != "MedDiffusionPipeline":
+    kind = index.get("_class_name")
+    if kind not in _GENERATE_PIPELINES:
         raise ValueError(
-            f"--model {args.model!r} holds a {index.get('_class_name')!r}, not a MedDiffusionPipeline; "
-            "`meddiffusers generate` runs MedDiffusionPipeline folders."
+            f"--model {args.model!r} holds a {kind!r}; `meddiffusers generate` runs "
+            f"{' and '.join(_GENERATE_PIPELINES)} folders."
         )
+    windowed = kind == "PatchSlidingWindowPipeline"
+    if not windowed and args.window_size:
+        raise ValueError("--window-size applies to PatchSlidingWindowPipeline models only.")
     region = regions_from_index(index, index_path).resolve(args.region)  # unknown regions list the valid ones
     if demo:
         print(f"using the bundled demo model ({args.model}): a demonstration, not a clinical model")
-    pipe = MedDiffusionPipeline.from_pretrained(args.model)
+    pipe = (PatchSlidingWindowPipeline if windowed else MedDiffusionPipeline).from_pretrained(args.model)
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe = pipe.to(args.device)
     generator = torch.Generator(device="cpu").manual_seed(args.seed) if args.seed is not None else None
     size = tuple(args.volume_size) if args.volume_size else None
     start = time.perf_counter()
-    output = pipe(
-        region=region.name,
-        num_inference_steps=args.steps,
-        generator=generator,
-        num_volumes_per_region=args.num_volumes,
-        volume_size=size,
-        eta=args.eta,
-        output_type="pt",
-    )
+    if windowed:  # CT in HU, windowed over volumes of any size
+        window = tuple(args.window_size) if args.window_size else None
+        output = pipe(
+            region=[region.name] * args.num_volumes,
+            volume_size=size,
+            window_size=window,
+            overlap=args.overlap,
+            blend=args.blend,
+            window_batch_size=args.window_batch_size,
+            num_inference_steps=args.steps,
+            generator=generator,
+            eta=args.eta,
+            output_type="nifti",
+        )
+        height, width, depth = output.volumes[0].shape  # NIfTI (x, y, z) = tensor (H, W, D)
+        shape = (depth, height, width)
+    else:
+        output = pipe(
+            region=region.name,
+            num_inference_steps=args.steps,
+            generator=generator,
+            num_volumes_per_region=args.num_volumes,
+            volume_size=size,
+            eta=args.eta,
+            output_type="pt",
+        )
+        shape = tuple(output.volumes.shape[2:])
     paths = output.save(args.output)
-    shape = tuple(output.volumes.shape[2:])
     print(f"generated {len(paths)} x {output.regions[0]} volume(s) of {shape} in {time.perf_counter() - start:.1f} s")
     for path in paths:
         print(f"wrote {path}")
@@ -336,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser(
         "generate",
-        help="Generate CT/MRI volumes with a MedDiffusionPipeline.",
-        description="Generate volumes of one region and save them as NIfTI (model-space intensities, region spacing).",
+        help="Generate CT/MRI volumes with a MedDiffusionPipeline or a PatchSlidingWindowPipeline.",
+        description="Generate volumes of one region and save them as NIfTI with the region's spacing (model-space "
+        "intensities for MedDiffusion models, HU for MedDiff-FM patch models, which also take any --volume-size).",
     )
     gen.add_argument("--model", default=None, help="Pipeline folder or Hub repo id (default: the bundled demo model).")
     gen.add_argument(
@@ -371,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-volumes", type=int, default=1, help="Volumes to generate.")
     gen.add_argument("--volume-size", type=int, nargs=3, metavar=("D", "H", "W"), help="Override the region's size.")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps, where available.")
+    windows = gen.add_argument_group("sliding windows (PatchSlidingWindowPipeline models)")
+    windows.add_argument(
+        "--window-size", type=int, nargs=3, metavar=("D", "H", "W"), help="Window (default: the model's patch size)."
+    )
+    windows.add_argument("--overlap", type=float, default=0.5, help="Fraction shared by neighbouring windows (0.5).")
+    windows.add_argument("--blend", choices=("constant", "gaussian"), default="constant", help="Window weights.")
+    windows.add_argument("--window-batch-size", type=int, default=1, help="Windows per denoiser call (speed only).")
     gen.set_defaults(handler=generate)
 
     reg = commands.add_parser(

@@ -58,17 +58,29 @@ class PatchSlidingWindowPipeline(VolumePipeline):
     Configuration (saved in `model_index.json`):
         regions (`list[dict]`): The model's regions with their HU window (`intensity_window`) and voxel spacing;
             MedDiff-FM's head-and-neck, chest and abdomen at 1 mm by default.
+        window_size (`int` or three ints): The window the denoiser was trained on, used when a call gives none
+            (128 in the paper).
     """
 
     model_cpu_offload_seq = "controlnet->unet"
     _optional_components = ["controlnet"]
     _callback_tensor_inputs = ["latents", "noise_pred"]
 
-    def __init__(self, unet, scheduler, controlnet=None, regions: list[dict] | None = None):
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        controlnet=None,
+        regions: list[dict] | None = None,
+        window_size: int | Sequence[int] = 128,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, controlnet=controlnet)
         registry = RegionRegistry(regions) if regions is not None else meddiff_fm_regions()
-        self.register_to_config(regions=registry.to_config())
+        window_size = (
+            window_size if isinstance(window_size, int) else list(as_triple(tuple(window_size), "window_size"))
+        )
+        self.register_to_config(regions=registry.to_config(), window_size=window_size)
         self.region_registry = registry
 
     # ------------------------------------------------------------------------------------------------ requests
@@ -187,7 +199,7 @@ class PatchSlidingWindowPipeline(VolumePipeline):
         anatomy: torch.Tensor | np.ndarray | None = None,
         controlnet_cond: torch.Tensor | np.ndarray | None = None,
         controlnet_conditioning_scale: float = 1.0,
-        window_size: int | Sequence[int] = 128,
+        window_size: int | Sequence[int] | None = None,
         overlap: float = 0.5,
         blend: str = "constant",
         window_batch_size: int = 1,
@@ -210,7 +222,8 @@ class PatchSlidingWindowPipeline(VolumePipeline):
                 for anatomy-conditioned models.
             controlnet_cond: Condition volume `(D, H, W)` or `(B, C, D, H, W)` for the ControlNet, in model space.
             controlnet_conditioning_scale: Multiplies the ControlNet's residuals.
-            window_size: Window side(s) in voxels (the training patch, 128 in the paper).
+            window_size: Window side(s) in voxels; defaults to the pipeline's `window_size` (the training patch, 128 in
+                the paper).
             overlap: Fraction of a window shared with its neighbours (0.5: stride 64 for 128³ windows).
             blend: Per-voxel weights of each window's noise: `"constant"` (plain average) or `"gaussian"`.
             window_batch_size: Windows per denoiser call (speed and memory, not results).
@@ -235,6 +248,7 @@ class PatchSlidingWindowPipeline(VolumePipeline):
             for item in regions:
                 self.hu_window(item)
         tensor_inputs = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        window_size = self.config.window_size if window_size is None else window_size
         if volume_size is None:
             sizes = {tuple(item.volume_size or ()) for item in regions}
             if len(sizes) != 1 or () in sizes:
@@ -292,7 +306,7 @@ class PatchSlidingWindowPipeline(VolumePipeline):
         organ_mask: torch.Tensor | np.ndarray | None = None,
         smoothing_sigma: float = 0.0,
         score_reduction: str | float = "max",
-        window_size: int | Sequence[int] = 128,
+        window_size: int | Sequence[int] | None = None,
         overlap: float = 0.5,
         blend: str = "gaussian",
         window_batch_size: int = 1,
@@ -335,6 +349,7 @@ class PatchSlidingWindowPipeline(VolumePipeline):
         if reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"`reconstruction` must be one of {RECONSTRUCTIONS}, got {reconstruction!r}.")
         check_score_reduction(score_reduction)
+        window_size = self.config.window_size if window_size is None else window_size
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         if not 0 <= int(timestep) < num_train_timesteps:
             raise ValueError(f"`timestep` must be in [0, {num_train_timesteps}), got {timestep}.")
