@@ -145,7 +145,7 @@ def test_bad_inputs_name_the_argument(kwargs, message):
     "config, message",
     [
         (dict(attention_levels=(False,)), "attention_levels"),
-        (dict(block_out_channels=(8, 12)), "divisible"),
+        (dict(block_out_channels=(8, 12)), "not divisible"),
         (dict(anatomy_encoding="rgb"), "anatomy_encoding"),
         (dict(num_class_embeds=None, region_cross_attention=True), "regions"),
     ],

@@ -180,7 +180,8 @@ class PatchUNet3DModel(PortableConfigMixin, ModelMixin, AttentionMixin, ConfigMi
         mid_block_attention: Whether the middle block has one.
         attention_head_dim: Features per attention head (heads = width / head_dim).
         transformer_layers: Transformer blocks per spatial transformer.
-        norm_num_groups: GroupNorm groups (divides every width).
+        norm_num_groups: GroupNorm groups (divides every width; `attention_head_dim` divides the widths with
+            attention).
         num_class_embeds: Number of regions (a class embedding added to the timestep embedding); `None` for none.
         region_cross_attention: Also feed the region embedding as the spatial transformers' context token.
         num_position_frequencies: Octaves `L` of the position encoding (0 for raw coordinates only).
@@ -218,11 +219,12 @@ class PatchUNet3DModel(PortableConfigMixin, ModelMixin, AttentionMixin, ConfigMi
             raise ValueError(
                 f"`attention_levels` needs one flag per level ({len(widths)}), got {list(attention_levels)}."
             )
-        bad = [w for w in widths if w % norm_num_groups or w % attention_head_dim]
+        attended = [w for w, on in zip(widths, attention_levels) if on] + ([widths[-1]] if mid_block_attention else [])
+        bad = sorted({w for w in widths if w % norm_num_groups} | {w for w in attended if w % attention_head_dim})
         if bad:
             raise ValueError(
-                f"Every width in `block_out_channels` must be divisible by `norm_num_groups` ({norm_num_groups}) and "
-                f"`attention_head_dim` ({attention_head_dim}); {bad} are not."
+                f"Widths {bad} of `block_out_channels` {widths} are not divisible by `norm_num_groups` "
+                f"({norm_num_groups}) or, at levels with attention, by `attention_head_dim` ({attention_head_dim})."
             )
         if num_position_frequencies < 0:
             raise ValueError(f"`num_position_frequencies` must be >= 0, got {num_position_frequencies}.")
