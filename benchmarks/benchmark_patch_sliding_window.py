@@ -61,11 +61,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--window-batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--worker", nargs=3, type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--point", nargs=3, type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        volume, window, overlap = int(args.worker[0]), int(args.worker[1]), args.worker[2]
+        volume, window, overlap = int(args.point[0]), int(args.point[1]), args.point[2]
         row = measure(args.model, volume, window, overlap, args.blend, args.steps, args.window_batch_size, args.device)
         print(json.dumps(row))
         return
@@ -83,7 +84,7 @@ def main() -> None:
     for window in args.windows:
         for volume in args.volumes:
             for overlap in args.overlaps:
-                row = run_worker(__file__, [*common, "--worker", str(volume), str(window), str(overlap)])
+                row = run_worker(__file__, [*common, "--point", str(volume), str(window), str(overlap)])
                 head = f"| {volume}³ | {window}³ | {overlap} |"
                 if isinstance(row, str):
                     print(f"{head} failed: {row} | | | |", flush=True)
