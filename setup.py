@@ -39,7 +39,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"meddiffusers": ["demo/meddiffusion-demo/*", "demo/meddiffusion-demo/*/*"]},
+    package_data={"meddiffusers": ["demo/*/*", "demo/*/*/*"]},
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=install_requires,

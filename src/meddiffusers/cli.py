@@ -196,13 +196,24 @@ def _format_triple(values) -> str:
     return " x ".join(f"{float(value):g}" if isinstance(value, float) else str(value) for value in values)
 
 
+def resolve_model(model: str | None) -> tuple[str, bool]:
+    """The folder or repo id behind `--model` (none: the bundled MedDiffusion demo; a bundled demo's name where no
+    local folder has it), and whether it is a bundled demo."""
+    from .demo import BUNDLED_MODELS, demo_model_path
+
+    if model is None:
+        return demo_model_path(), True
+    if model in BUNDLED_MODELS and not os.path.exists(model):
+        path = BUNDLED_MODELS[model]
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"The bundled model {model!r} is missing from {path}; reinstall meddiffusers.")
+        return path, True
+    return model, False
+
+
 def regions(args: argparse.Namespace) -> int:
     """Print the regions (classes) of a pipeline, read from its `model_index.json` alone."""
-    model = args.model
-    if model is None:
-        from .demo import demo_model_path
-
-        model = demo_model_path()
+    model, _ = resolve_model(args.model)
     index, path = read_model_index(model)
     registry = regions_from_index(index, path)
     saved = "regions" in index and index["regions"] is not None
@@ -299,11 +310,7 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--window-batch-size must be at least 1, got {args.window_batch_size}.")
     check_generate_output(args.output)
     check_device(args.device)
-    demo = args.model is None
-    if demo:
-        from .demo import demo_model_path
-
-        args.model = demo_model_path()
+    args.model, demo = resolve_model(args.model)
     index, index_path = read_model_index(args.model)
     kind = index.get("_class_name")
     if kind not in _GENERATE_PIPELINES:
@@ -370,7 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate volumes of one region and save them as NIfTI with the region's spacing (model-space "
         "intensities for MedDiffusion models, HU for MedDiff-FM patch models, which also take any --volume-size).",
     )
-    gen.add_argument("--model", default=None, help="Pipeline folder or Hub repo id (default: the bundled demo model).")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="Pipeline folder or Hub repo id (default: the bundled MedDiffusion demo; `meddiff-fm-demo` is the "
+        "bundled MedDiff-FM patch demo).",
+    )
     gen.add_argument(
         "--region",
         required=True,
