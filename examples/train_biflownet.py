@@ -11,14 +11,12 @@ prediction, L1 loss by default, Adam at 1e-4, an EMA of the weights for sampling
 """
 
 import argparse
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -29,9 +27,16 @@ from meddiffusers import (
     meddiffusion_cosine_betas,
 )
 from meddiffusers.models.autoencoders import load_vq_model
-from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
+from meddiffusers.training.checkpoints import resume_from_checkpoint
 from meddiffusers.training.latents import LatentDataset
-from meddiffusers.training.setup import build_accelerator, diffuse
+from meddiffusers.training.loop import (
+    finish_step,
+    model_with_ema_weights,
+    optimization_step,
+    resumable_batches,
+    save_final_pipeline,
+)
+from meddiffusers.training.setup import add_training_arguments, build_accelerator, build_lr_scheduler, diffuse
 
 logger = get_logger(__name__)
 
@@ -54,33 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--norm_num_groups", type=int, default=24)
     p.add_argument("--dit_num_heads", type=int, default=8)
     p.add_argument("--dit_patch_size", type=int, default=1, help="1 for 8x latents, 2 for 4x latents.")
-    # optimisation
-    p.add_argument("--loss_type", choices=["l1", "l2"], default="l1")
-    p.add_argument("--num_train_timesteps", type=int, default=1000)
+    # optimisation, EMA, checkpoints, validation, logging (shared with the other training scripts)
+    add_training_arguments(p, learning_rate=1e-4, use_ema=False)
     p.add_argument("--train_batch_size", type=int, default=1, help="Per device; latents in a batch share a shape.")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--lr_scheduler", default="constant", help="constant, linear, cosine, constant_with_warmup, ...")
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--max_train_steps", type=int, default=1000)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    p.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights (saved as the final model).")
-    p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    # checkpoints, validation, logging
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
-    p.add_argument("--validation_steps", type=int, default=0, help="Save validation volumes every N steps (0: off).")
     p.add_argument("--validation_regions", nargs="+", default=None, help="Regions to sample (default: the first).")
-    p.add_argument("--validation_inference_steps", type=int, default=50)
-    p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
-    p.add_argument("--logging_dir", default="logs")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
     return p.parse_args(argv)
 
 
@@ -115,12 +97,9 @@ def build_unet(args, in_channels, num_classes):
 
 def build_pipeline(accelerator, unet, ema, vqvae, regions):
     """A pipeline with the (EMA) weights, for validation and the final save."""
-    model = BiFlowNet3DModel.from_config(accelerator.unwrap_model(unet).config)
-    model.load_state_dict(accelerator.unwrap_model(unet).state_dict())
-    if ema is not None:
-        ema.copy_to(model.parameters())
+    model = model_with_ema_weights(accelerator, unet, ema)
     return MedDiffusionPipeline(
-        vqvae=vqvae, unet=model.eval(), scheduler=MedDiffusionDDIMScheduler(), regions=regions.to_config()
+        vqvae=vqvae, unet=model, scheduler=MedDiffusionDDIMScheduler(), regions=regions.to_config()
     )
 
 
@@ -167,12 +146,7 @@ def main(argv=None):
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
     )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    lr_scheduler = build_lr_scheduler(args, optimizer, accelerator)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
@@ -180,65 +154,37 @@ def main(argv=None):
     if accelerator.is_main_process:
         accelerator.init_trackers("train_biflownet", config={k: str(v) for k, v in vars(args).items()})
 
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
-    first_epoch = global_step // steps_per_epoch
-    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
     )
     alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
-    micro_step = global_step * args.gradient_accumulation_steps
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    for epoch in range(first_epoch, num_epochs):
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)  # the same shuffling order per epoch, resumed or not
-        epoch_loader = loader
-        if epoch == first_epoch and resume_batches:
-            epoch_loader = accelerator.skip_first_batches(loader, resume_batches)
-        for batch in epoch_loader:
-            with accelerator.accumulate(unet):
-                latents = batch["latents"]
-                noisy, noise, timesteps = diffuse(latents, alphas, args.seed, micro_step, accelerator)
-                micro_step += 1
-                prediction = unet(noisy, timesteps, batch["class_labels"]).sample
-                loss_fn = F.l1_loss if args.loss_type == "l1" else F.mse_loss
-                loss = loss_fn(prediction.float(), noise.float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(unet.parameters())
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
+    loss_fn = F.l1_loss if args.loss_type == "l1" else F.mse_loss
+    batches = resumable_batches(
+        accelerator, loader, global_step, args.gradient_accumulation_steps, args.max_train_steps
+    )
+    for micro_step, batch in batches:
+        with accelerator.accumulate(unet):
+            latents = batch["latents"]
+            noisy, noise, timesteps = diffuse(latents, alphas, args.seed, micro_step, accelerator)
+            prediction = unet(noisy, timesteps, batch["class_labels"]).sample
+            loss = loss_fn(prediction.float(), noise.float())
+            optimization_step(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm)
+        if not accelerator.sync_gradients:
+            continue
+        global_step = finish_step(accelerator, args, unet, ema, progress, global_step, loss, lr_scheduler)
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                vqvae = load_vq_model(args.pretrained_vqvae).to(accelerator.device)
-                pipeline = build_pipeline(accelerator, unet, ema, vqvae, regions).to(accelerator.device)
-                validate(args, accelerator, pipeline, regions, global_step, first.shape, dataset[0]["class_labels"])
-            if global_step >= args.max_train_steps:
-                break
+        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            vqvae = load_vq_model(args.pretrained_vqvae).to(accelerator.device)
+            pipeline = build_pipeline(accelerator, unet, ema, vqvae, regions).to(accelerator.device)
+            validate(args, accelerator, pipeline, regions, global_step, first.shape, dataset[0]["class_labels"])
         if global_step >= args.max_train_steps:
             break
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         pipeline = build_pipeline(accelerator, unet, ema, load_vq_model(args.pretrained_vqvae), regions)
-        pipeline.save_pretrained(os.path.join(args.output_dir, "pipeline"))
-        logger.info(f"Saved the pipeline to {os.path.join(args.output_dir, 'pipeline')}")
-        if args.push_to_hub:
-            pipeline.push_to_hub(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+        save_final_pipeline(pipeline, os.path.join(args.output_dir, "pipeline"), args, logger)
     accelerator.end_training()
 
 

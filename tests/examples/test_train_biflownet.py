@@ -1,11 +1,8 @@
 """examples/cache_latents.py and examples/train_biflownet.py on CPU: tiny runs, resume, two processes, the pipeline."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -15,19 +12,11 @@ from safetensors.torch import load_file
 
 from meddiffusers import MedDiffusionPipeline, VQModel3D
 from tests.conftest import FIXTURES
+from tests.examples.utils import EXAMPLES, run
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 VOLUME = str(EXAMPLES / "data" / "mr_t1_itk_kmeanstest.nii.gz")
 TINY = ["--base_channels", "6", "--channel_mults", "1", "1", "2", "4", "--attention_levels", "0", "0", "1", "1"]
 TINY += ["--attention_heads", "2", "--norm_num_groups", "2", "--dit_num_heads", "2", "--report_to", "none"]
-
-
-def run(*command, env=None):
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run([*command], capture_output=True, text=True, env=environment, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")

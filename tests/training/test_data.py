@@ -1,5 +1,6 @@
 """Training preprocessing brings every volume to one orientation; orientation-preserving augmentations never rotate."""
 
+import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -175,3 +176,39 @@ def test_dataset_and_latent_cache_follow_the_augmentation_setting(tmp_path):
     columns = encode_manifest(identity, rows, preprocessor, augment_copies=8, augmentation="lr_flip", seed=2)
     allowed = [clean.numpy().reshape(-1), clean.flip(2).numpy().reshape(-1)]
     assert all(any(np.array_equal(latents, a) for a in allowed) for latents in columns["latents"])
+
+
+def test_labels_follow_the_image_through_orientation_resampling_and_padding(tmp_path):
+    """`VolumePreprocessor.labels` gives an anatomy file the image's grid: same reorientation (LPS -> RAS), the
+    same resampled size (nearest neighbour, so only the file's labels), 0 where the image is padded."""
+    write_volume(tmp_path / "image.nii.gz", LPS)
+    labels = np.zeros(SHAPE, dtype=np.int16)
+    labels[3:, :, :] = 1
+    labels[MARKER] = 5
+    nib.save(nib.Nifti1Image(labels, LPS), str(tmp_path / "labels.nii.gz"))
+    preprocessor = VolumePreprocessor(intensity="ct:0:1000")
+    image, anatomy = preprocessor(tmp_path / "image.nii.gz"), preprocessor.labels(tmp_path / "labels.nii.gz")
+    assert anatomy.dtype == torch.long and anatomy.shape == image.shape
+    assert (anatomy[0] == 5).nonzero().tolist() == (image[0] == image.max()).nonzero().tolist()  # the marker voxel
+    resampling = VolumePreprocessor(intensity="ct:0:1000", spacing=(1.5, 1.0, 1.25), multiple=4)
+    image, anatomy = resampling(tmp_path / "image.nii.gz"), resampling.labels(tmp_path / "labels.nii.gz")
+    assert anatomy.shape == image.shape and set(anatomy.unique().tolist()) == {0, 1, 5}
+    padded = (image == -1).all(dim=(0, 2, 3))  # the D slices added by the padding
+    assert padded.any() and (anatomy[:, padded] == 0).all()
+
+
+def test_manifest_reads_an_anatomy_column(tmp_path):
+    from meddiffusers.io.regions import meddiff_fm_regions
+    from meddiffusers.training.data import read_manifest
+
+    write_volume(tmp_path / "ct.nii.gz", LPS)
+    write_volume(tmp_path / "organs.nii.gz", LPS)
+    rows = [{"image": "ct.nii.gz", "region": "Thorax", "anatomy": "organs.nii.gz"}]
+    rows.append({"image": "ct.nii.gz", "region": 2})
+    (tmp_path / "manifest.json").write_text(json.dumps(rows))
+    manifest = read_manifest(tmp_path / "manifest.json", meddiff_fm_regions())
+    assert manifest["anatomy"] == [str(tmp_path / "organs.nii.gz"), ""] and manifest["class_id"] == [1, 2]
+    rows[0]["anatomy"] = "missing.nii.gz"
+    (tmp_path / "manifest.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="missing.nii.gz"):
+        read_manifest(tmp_path / "manifest.json", meddiff_fm_regions())

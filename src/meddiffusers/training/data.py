@@ -24,10 +24,11 @@ logger = logging.get_logger(__name__)
 
 def read_manifest(path: str | os.PathLike, regions: RegionRegistry | None = None):
     """Read a manifest of volumes into a `datasets.Dataset` with columns `image`, `region`, `class_id`, `mask`,
-    `condition`.
+    `condition`, `anatomy`.
 
     The manifest is a JSON list of `{"image": path, "region": name, "mask": optional label file, "condition":
-    optional paired condition volume}` objects or a CSV file with the same columns. Relative paths are resolved
+    optional paired condition volume, "anatomy": optional anatomy label file}` objects or a CSV file with the same
+    columns (missing optional files are `""`). Relative paths are resolved
     against the manifest's folder. Every file must exist and every region must be known (to `regions`, when
     given); all problems are reported together, with the file names.
     """
@@ -52,10 +53,12 @@ def read_manifest(path: str | os.PathLike, regions: RegionRegistry | None = None
             problems.append(f"entry {index}: no 'image'")
             continue
         image = image if os.path.isabs(image) else os.path.join(root, image)
-        mask, condition = (row.get(key) or None for key in ("mask", "condition"))
-        mask = mask if mask is None or os.path.isabs(mask) else os.path.join(root, mask)
-        condition = condition if condition is None or os.path.isabs(condition) else os.path.join(root, condition)
-        for file in filter(None, (image, mask, condition)):
+        mask, condition, anatomy = (row.get(key) or None for key in ("mask", "condition", "anatomy"))
+        mask, condition, anatomy = (
+            file if file is None or os.path.isabs(file) else os.path.join(root, file)
+            for file in (mask, condition, anatomy)
+        )
+        for file in filter(None, (image, mask, condition, anatomy)):
             if not os.path.isfile(file):
                 problems.append(f"entry {index}: file not found {file!r}")
         region = row.get("region", "")
@@ -72,6 +75,7 @@ def read_manifest(path: str | os.PathLike, regions: RegionRegistry | None = None
                 "class_id": class_id,
                 "mask": mask or "",
                 "condition": condition or "",
+                "anatomy": anatomy or "",
             }
         )
     if problems:
@@ -161,12 +165,26 @@ class VolumePreprocessor:
             return HUWindow(low, high)(volume)
         return HUWindow.preset(self.intensity)(volume)
 
-    def __call__(self, path: str) -> torch.Tensor:
-        """`(C, D, H, W)` float tensor in `[-1, 1]`; a `ValueError` names the file when it cannot be used."""
+    def _load_named(self, path: str) -> NiftiVolume:
+        """[`load`], with the file's name in the `ValueError` when it cannot be read."""
         try:
-            volume = self.load(path)
+            return self.load(path)
         except (ValueError, FileNotFoundError) as error:
             raise ValueError(f"{path}: {error}") from None
+
+    def labels(self, path: str) -> torch.Tensor:
+        """An integer label file (e.g. an anatomy mask) as a `(C, D, H, W)` int64 tensor, on the grid that `__call__`
+        gives an image stored on the file's grid: the same orientation, nearest-neighbour resampling to `spacing`
+        (`"nearest-exact"`: the voxel centres of the trilinear image resampling), padding with 0 (background)."""
+        volume = self._load_named(path)
+        tensor = volume.tensor.round().long()
+        if self.spacing is not None:
+            tensor = resample_to_spacing(tensor, volume.spacing, self.spacing, mode="nearest-exact")
+        return pad_to_multiple(tensor, self.multiple, value=0)[0]
+
+    def __call__(self, path: str) -> torch.Tensor:
+        """`(C, D, H, W)` float tensor in `[-1, 1]`; a `ValueError` names the file when it cannot be used."""
+        volume = self._load_named(path)
         tensor = volume.tensor.float()
         if self.spacing is not None:
             tensor = resample_to_spacing(tensor, volume.spacing, self.spacing, mode="trilinear")
