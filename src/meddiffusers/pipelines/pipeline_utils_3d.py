@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +98,28 @@ def bounds_predicted_sample(scheduler) -> bool:
     accepted = inspect.signature(type(scheduler).__init__).parameters
     config = scheduler.config
     return any(config.get(key, False) for key in ("clip_sample", "thresholding") if key in accepted)
+
+
+@contextmanager
+def thresholding_without_quantiles(scheduler) -> Iterator[None]:
+    """While active, a scheduler's dynamic thresholding with `sample_max_value <= 1` clips without `torch.quantile`.
+
+    diffusers' thresholding takes the `dynamic_thresholding_ratio` quantile `s` of `|x0|` per sample, clamps it to
+    `[1, sample_max_value]` and maps `x0` to `clamp(x0, -s, s) / s`. With `sample_max_value <= 1` the clamp makes
+    `s = sample_max_value` whatever the quantile, so the result is computed here directly: the same numbers, and no
+    `torch.quantile`, which refuses samples of more than 2**24 voxels (a 257 x 256 x 256 CT). Schedulers without
+    thresholding, or with `sample_max_value > 1`, are left as they are.
+    """
+    config = scheduler.config
+    bound = float(config.get("sample_max_value", 1.0))
+    if not (config.get("thresholding") and bound <= 1 and hasattr(scheduler, "_threshold_sample")):
+        yield
+        return
+    scheduler._threshold_sample = lambda sample: sample.clamp(-bound, bound) / bound
+    try:
+        yield
+    finally:
+        del scheduler._threshold_sample
 
 
 class VolumePipeline(DiffusionPipeline):

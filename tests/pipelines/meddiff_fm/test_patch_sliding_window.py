@@ -267,3 +267,16 @@ def test_bad_anomaly_requests_are_refused(kwargs, message):
     kwargs = dict(volume=torch.zeros(8, 8, 8), region="Chest", window_size=8) | kwargs
     with pytest.raises(ValueError, match=message):
         pipe.detect_anomalies(**kwargs)
+
+
+def test_thresholding_of_the_saved_scheduler_equals_clipping_and_takes_volumes_over_2_to_the_24_voxels():
+    thresholded = DDIMScheduler.from_config(training_scheduler().config)
+    clipped = DDIMScheduler.from_config(training_scheduler().config, thresholding=False)
+    size = (8, 16, 16)
+    reference = generate(pipeline(scheduler=clipped), volume_size=size, window_size=16)
+    torch.testing.assert_close(generate(pipeline(scheduler=thresholded), volume_size=size, window_size=16), reference)
+    # torch.quantile, which diffusers' dynamic thresholding uses, refuses more than 2**24 elements.
+    large = (260, 256, 256)
+    volume = generate(pipeline(scheduler=thresholded), volume_size=large, window_size=large, num_inference_steps=1)
+    assert volume.shape == (1, 1, *large) and volume.abs().max() <= 1
+    assert thresholded._threshold_sample.__func__ is DDIMScheduler._threshold_sample  # restored after the call

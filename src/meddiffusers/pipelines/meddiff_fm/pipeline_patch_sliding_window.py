@@ -23,7 +23,12 @@ from ...io.regions import Region, RegionRegistry, meddiff_fm_regions
 from ...utils.coordinates import window_coordinates
 from ...utils.sliding_window import BLEND_MODES, sliding_window_inference, window_locations
 from ...utils.validation import as_triple, check_volume_tensor
-from ..pipeline_utils_3d import VolumePipeline, VolumePipelineOutput, scale_model_input
+from ..pipeline_utils_3d import (
+    VolumePipeline,
+    VolumePipelineOutput,
+    scale_model_input,
+    thresholding_without_quantiles,
+)
 from .anomaly import anomaly_scores, check_score_reduction, gaussian_smooth_3d
 
 RECONSTRUCTIONS = ("one_step", "ancestral")
@@ -276,7 +281,7 @@ class PatchSlidingWindowPipeline(VolumePipeline):
         # 3. Denoise: one blended noise estimate and one scheduler step per timestep, for the whole volume.
         self._num_timesteps = len(timesteps)
         self._interrupt = False
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=len(timesteps)) as progress_bar, thresholding_without_quantiles(self.scheduler):
             for step, t in enumerate(timesteps):
                 if self.interrupt:
                     break
@@ -382,10 +387,11 @@ class PatchSlidingWindowPipeline(VolumePipeline):
             restored = (sample - (1 - alpha_bar).sqrt() * noise_pred) / alpha_bar.sqrt()
         else:
             extra_step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
-            for t in self.progress_bar(timesteps):
-                noise_pred = self.predict_noise(scale_model_input(self.scheduler, sample, t), t, class_labels, anatomy,
-                                                **windowing)  # fmt: skip
-                sample = self.scheduler.step(noise_pred, t, sample, **extra_step_kwargs).prev_sample
+            with thresholding_without_quantiles(self.scheduler):
+                for t in self.progress_bar(timesteps):
+                    model_input = scale_model_input(self.scheduler, sample, t)
+                    noise_pred = self.predict_noise(model_input, t, class_labels, anatomy, **windowing)
+                    sample = self.scheduler.step(noise_pred, t, sample, **extra_step_kwargs).prev_sample
             restored = sample
         restored = restored.clamp(-1, 1)
 
