@@ -20,6 +20,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.dirname(HERE)
+SOURCE = "ct_chest_pyradiomics_lung1.nii.gz"
 SPACING = (8.0, 8.0, 8.0)
 PATCH = 16
 REGIONS = [
@@ -63,7 +64,7 @@ def main():
         json.dump(
             [
                 {
-                    "image": os.path.abspath(os.path.join(args.data_dir, "ct_chest_pyradiomics_lung1.nii.gz")),
+                    "image": os.path.abspath(os.path.join(args.data_dir, SOURCE)),
                     "region": "Chest",
                 }
             ],

@@ -2,13 +2,16 @@
 
     python examples/demo/render_samples.py --output docs/source/en/imgs/demo_samples.png --seeds 0 1 \
         --data_dir ../shared/data
+    python examples/demo/render_samples.py --model meddiff-fm-demo --seeds 0 1 --steps 50 --volume_size 28 36 36 \
+        --data_dir ../shared/data --output docs/source/en/imgs/patch_demo_samples.png
 
 The volumes are shown as a radiologist would look at them: the tensor `(D, H, W)` of a RAS+ pipeline is
 (inferior -> superior, left -> right, posterior -> anterior), so the axial view (a `D` slice) is drawn with anterior
 at the top and the patient's right on the left of the image, the coronal view (a `W` slice) and the sagittal view (an
 `H` slice) with superior at the top, and the sagittal one with anterior on the left. Every tile has the
 physical aspect ratio of its voxel spacing and orientation letters at its edges. Intensities are the model space,
-`[-1, 1]` -> black..white. Only Pillow is needed (it comes with diffusers).
+`[-1, 1]` -> black..white (for MedDiff-FM models, the region's HU window). Only Pillow is needed (it comes with
+diffusers). Works for `MedDiffusionPipeline` and `PatchSlidingWindowPipeline` folders.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from meddiffusers import MedDiffusionPipeline
-from meddiffusers.demo import demo_model_path
+from meddiffusers import MedDiffusionPipeline, PatchSlidingWindowPipeline
+from meddiffusers.demo import BUNDLED_MODELS, demo_model_path
 from meddiffusers.io.intensity import PercentileScaling
+from meddiffusers.training.data import VolumePreprocessor
+from meddiffusers.utils import center_crop_or_pad
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VIEWS = ("axial", "coronal", "sagittal")
@@ -101,15 +106,30 @@ def sheet(rows: list[tuple[str, list[Image.Image]]], scale: float) -> Image.Imag
     return canvas
 
 
-def training_volume(data_dir: str, region: str) -> np.ndarray | None:
-    """The demo's canonical, resampled training volume of `region` in model space, if the build script knows it."""
+def training_volume(data_dir: str, region) -> np.ndarray | None:
+    """A demo's canonical, resampled training volume of `region` in model space, if a build script knows it."""
     sys.path.insert(0, HERE)
     from build_demo_model import SOURCES, canonical_demo_volume
+    from build_patch_demo_model import REGIONS as PATCH_REGIONS
+    from build_patch_demo_model import SOURCE as PATCH_SOURCE
 
-    if region not in SOURCES:
-        return None
-    name, spacing = SOURCES[region]
-    return PercentileScaling()(canonical_demo_volume(os.path.join(data_dir, name), spacing))[0, 0].numpy()
+    if region.name in SOURCES:
+        name, spacing = SOURCES[region.name]
+        return PercentileScaling()(canonical_demo_volume(os.path.join(data_dir, name), spacing))[0, 0].numpy()
+    if region.intensity_window and region.name in [entry["name"] for entry in PATCH_REGIONS]:
+        low, high = region.intensity_window
+        preprocess = VolumePreprocessor(intensity=f"ct:{low:g}:{high:g}", spacing=tuple(region.spacing))
+        volume = preprocess(os.path.join(data_dir, PATCH_SOURCE))
+        return center_crop_or_pad(volume, region.volume_size)[0].numpy()
+    return None
+
+
+def load_pipeline(model: str | None):
+    """A `MedDiffusionPipeline` or `PatchSlidingWindowPipeline` from a folder or a bundled demo's name."""
+    path = BUNDLED_MODELS.get(model, model) if model else demo_model_path()
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as handle:
+        windowed = '"PatchSlidingWindowPipeline"' in handle.read()
+    return (PatchSlidingWindowPipeline if windowed else MedDiffusionPipeline).from_pretrained(path)
 
 
 def main(argv=None):
@@ -121,20 +141,22 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=100, help="Inference steps (the pipeline's scheduler).")
     parser.add_argument("--data_dir", default=None, help="Also show each region's training volume from here.")
     parser.add_argument("--scale", type=float, default=0.75, help="Pixels per millimetre.")
+    parser.add_argument("--volume_size", type=int, nargs=3, default=None, help="(D, H, W) (default: the region's).")
     args = parser.parse_args(argv)
-    pipe = MedDiffusionPipeline.from_pretrained(args.model or demo_model_path())
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for region in args.regions or pipe.region_registry.names:
         spacing = pipe.get_region(region).spacing
         volumes = []
         if args.data_dir:
-            reference = training_volume(args.data_dir, pipe.get_region(region).name)
+            reference = training_volume(args.data_dir, pipe.get_region(region))
             if reference is not None:
                 volumes.append((f"{region}\ntraining volume", reference))
         for seed in args.seeds:
             generator = torch.Generator().manual_seed(seed)
-            output = pipe(region, num_inference_steps=args.steps, generator=generator, output_type="np")
+            size = {"volume_size": tuple(args.volume_size)} if args.volume_size else {}
+            output = pipe(region, num_inference_steps=args.steps, generator=generator, output_type="np", **size)
             volumes.append((f"{region}\nseed {seed}, {args.steps} steps", output.volumes[0, 0]))
         for label, volume in volumes:
             planes = radiological_planes(volume, spacing)
