@@ -1,1 +1,1 @@
-from .pipeline_patch_sliding_window import AnomalyDetectionOutput, PatchSlidingWindowPipeline
+from .pipeline_patch_sliding_window import AnomalyDetectionOutput, PatchSlidingWindowPipeline, predict_windowed_noise

@@ -34,6 +34,73 @@ from .anomaly import anomaly_scores, check_score_reduction, gaussian_smooth_3d
 RECONSTRUCTIONS = ("one_step", "ancestral")
 
 
+def predict_windowed_noise(
+    unet,
+    sample: torch.Tensor,
+    timestep,
+    class_labels: torch.Tensor,
+    anatomy: torch.Tensor | None = None,
+    controlnet=None,
+    controlnet_cond: torch.Tensor | None = None,
+    controlnet_conditioning_scale: float = 1.0,
+    window_size: int | Sequence[int] = 128,
+    overlap: float = 0.5,
+    blend: str = "constant",
+    window_batch_size: int = 1,
+) -> torch.Tensor:
+    """A patch denoiser's noise estimate of a whole `(B, C, D, H, W)` sample at one timestep, from overlapping windows.
+
+    Each window is denoised with its global coordinates ([`window_coordinates`]) and its crops of `anatomy` and
+    `controlnet_cond` (with the ControlNet's residuals when `controlnet` is given); the estimates are blended with
+    per-voxel weights that sum to one ([`sliding_window_inference`]: `overlap`, `blend="constant" | "gaussian"`,
+    `window_batch_size` windows per call). A volume that fits one window takes one plain forward pass. Any pipeline
+    with a [`PatchUNet3DModel`] prior (sampling, restoration, inpainting) calls this at every step.
+
+    Args:
+        unet: A [`PatchUNet3DModel`] (or a model with its `forward` signature).
+        sample: The (scaled) noisy volume.
+        timestep: The timestep, for every window.
+        class_labels: `(B,)` region ids.
+        anatomy: `(B, 1, D, H, W)` integer labels over the volume, or `None`.
+        controlnet: A [`PatchControlNet3DModel`], or `None`.
+        controlnet_cond: `(B, C, D, H, W)` condition over the volume for the ControlNet.
+        controlnet_conditioning_scale: Multiplies the ControlNet's residuals.
+        window_size: Window side(s); clipped to the volume.
+        overlap: Fraction of a window shared with its neighbours.
+        blend: `"constant"` or `"gaussian"` per-voxel weights.
+        window_batch_size: Windows per denoiser call.
+    """
+    volume_size = tuple(sample.shape[2:])
+    window = tuple(min(w, s) for w, s in zip(as_triple(window_size, "window_size"), volume_size))
+
+    def estimate(windows, locations):
+        items = [location[0] for location in locations]
+        spatial = [location[2:] for location in locations]
+        position = torch.stack(
+            [window_coordinates(volume_size, part, device=windows.device, dtype=windows.dtype) for part in spatial]
+        )
+        labels = torch.cat([class_labels[item] for item in items])
+        crops = {}
+        if anatomy is not None:
+            crops["anatomy"] = torch.cat([anatomy[location] for location in locations])
+        residuals = {}
+        if controlnet is not None and controlnet_cond is not None:
+            condition = torch.cat([controlnet_cond[location] for location in locations])
+            down, mid = controlnet(
+                windows, timestep, class_labels=labels, position=position, controlnet_cond=condition,
+                conditioning_scale=controlnet_conditioning_scale, return_dict=False, **crops,
+            )  # fmt: skip
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return unet(windows, timestep, class_labels=labels, position=position, **crops, **residuals).sample
+
+    if window == volume_size:
+        whole = [(slice(b, b + 1), slice(None), *(slice(0, side) for side in volume_size)) for b in range(len(sample))]
+        return estimate(sample, whole)
+    return sliding_window_inference(
+        sample, window, estimate, overlap=overlap, mode=blend, batch_size=window_batch_size, with_coordinates=True
+    )
+
+
 @dataclass
 class AnomalyDetectionOutput(BaseOutput):
     """Output of [`PatchSlidingWindowPipeline.detect_anomalies`].
@@ -144,42 +211,13 @@ class PatchSlidingWindowPipeline(VolumePipeline):
         blend: str = "constant",
         window_batch_size: int = 1,
     ) -> torch.Tensor:
-        """The blended noise estimate of a whole `(B, 1, D, H, W)` sample at one timestep.
-
-        Each window is denoised with its global coordinates and its crops of `anatomy` and `controlnet_cond`; a
-        volume that fits one window takes one plain forward pass (no blending).
-        """
-        volume_size = tuple(sample.shape[2:])
-        window = tuple(min(w, s) for w, s in zip(as_triple(window_size, "window_size"), volume_size))
-
-        def estimate(windows, locations):
-            items = [location[0] for location in locations]
-            spatial = [location[2:] for location in locations]
-            position = torch.stack(
-                [window_coordinates(volume_size, part, device=windows.device, dtype=windows.dtype) for part in spatial]
-            )
-            labels = torch.cat([class_labels[item] for item in items])
-            crops = {}
-            if anatomy is not None:
-                crops["anatomy"] = torch.cat([anatomy[location] for location in locations])
-            residuals = {}
-            if self.controlnet is not None and controlnet_cond is not None:
-                condition = torch.cat([controlnet_cond[location] for location in locations])
-                down, mid = self.controlnet(
-                    windows, timestep, class_labels=labels, position=position, controlnet_cond=condition,
-                    conditioning_scale=controlnet_conditioning_scale, return_dict=False, **crops,
-                )  # fmt: skip
-                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-            return self.unet(windows, timestep, class_labels=labels, position=position, **crops, **residuals).sample
-
-        if window == volume_size:
-            whole = [
-                (slice(b, b + 1), slice(None), *(slice(0, side) for side in volume_size)) for b in range(len(sample))
-            ]
-            return estimate(sample, whole)
-        return sliding_window_inference(
-            sample, window, estimate, overlap=overlap, mode=blend, batch_size=window_batch_size, with_coordinates=True
-        )
+        """The blended noise estimate of a whole `(B, 1, D, H, W)` sample at one timestep
+        ([`predict_windowed_noise`] with this pipeline's denoiser and ControlNet)."""
+        controlnet = self.controlnet if controlnet_cond is not None else None
+        return predict_windowed_noise(
+            self.unet, sample, timestep, class_labels, anatomy, controlnet, controlnet_cond,
+            controlnet_conditioning_scale, window_size, overlap, blend, window_batch_size,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ outputs
 
