@@ -7,7 +7,7 @@ from .attention import (
     VolumeXFormersAttnProcessor,
 )
 from .autoencoders import VectorQuantizer3D, VectorQuantizer3DOutput, VQModel3D, VQModel3DEncoderOutput
-from .controlnets import ControlNet3DModel, ControlNet3DOutput
+from .controlnets import ControlNet3DModel, ControlNet3DOutput, PatchControlNet3DModel, PatchControlNet3DOutput
 from .normalization import ChannelLayerNorm
 from .resnet import ConditionedResnetBlock3D, ResnetBlock3D
 from .sampling import Downsample3D, Upsample3D

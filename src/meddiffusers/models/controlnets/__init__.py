@@ -1,1 +1,2 @@
 from .controlnet_3d import ControlNet3DModel, ControlNet3DOutput
+from .controlnet_patch_3d import PatchControlNet3DModel, PatchControlNet3DOutput

@@ -16,6 +16,7 @@ from ...loaders.single_file import FromOriginalCheckpointMixin
 from ...utils.validation import check_volume_tensor
 from ..modeling_utils import PortableConfigMixin
 from ..unets.biflownet.encoder import BiFlowNetEncoderMixin
+from .controlnet_utils import controlnet_from_unet, zero_conv
 
 
 @dataclass
@@ -30,14 +31,6 @@ class ControlNet3DOutput(BaseOutput):
 
     down_block_res_samples: tuple[torch.Tensor, ...]
     mid_block_res_sample: torch.Tensor
-
-
-def zero_conv(channels: int) -> nn.Conv3d:
-    """A 1x1x1 convolution initialised to zero, so a new ControlNet starts by changing nothing."""
-    conv = nn.Conv3d(channels, channels, kernel_size=1)
-    nn.init.zeros_(conv.weight)
-    nn.init.zeros_(conv.bias)
-    return conv
 
 
 class ControlNet3DModel(
@@ -131,22 +124,10 @@ class ControlNet3DModel(
         for the extra condition channels; the zero convolutions stay zero, so the ControlNet changes nothing until it
         is trained.
         """
-        config = dict(unet.config)
-        keep = set(cls._get_init_keys(cls)) - {"self", "conditioning_channels"}
-        kwargs = {key: value for key, value in config.items() if key in keep}
-        controlnet = cls(**kwargs, conditioning_channels=conditioning_channels or unet.config.in_channels)
-        if load_weights_from_unet:
-            source = unet.state_dict()
-            target = controlnet.state_dict()
-            for key, value in target.items():
-                if key not in source:
-                    continue
-                weight = source[key]
-                if weight.shape == value.shape:
-                    target[key] = weight.clone()
-                elif key in ("conv_in.weight", "patch_embed.weight"):
-                    padded = torch.zeros_like(value)
-                    padded[:, : weight.shape[1]] = weight
-                    target[key] = padded
-            controlnet.load_state_dict(target)
-        return controlnet
+        return controlnet_from_unet(
+            cls,
+            unet,
+            load_weights_from_unet,
+            padded_inputs=("conv_in.weight", "patch_embed.weight"),
+            conditioning_channels=conditioning_channels or unet.config.in_channels,
+        )
