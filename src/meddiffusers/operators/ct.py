@@ -8,13 +8,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .base import LinearOperator
 
-class RayTransform:
+
+class RayTransform(LinearOperator):
     """Line integrals through each axial slice of `(B, C, D, H, W)` volumes, for `num_views` angles over a full circle.
 
     Rays are sampled at `samples_per_pixel` points per pixel and interpolated bilinearly (`grid_sample`); the adjoint
     is computed by automatic differentiation of that same discrete operator, so `<A x, y> = <x, Aᵀ y>` holds to
-    floating-point precision. Lengths are in pixels.
+    floating-point precision. Lengths are in pixels. As a [`LinearOperator`], its proximal step runs `cg_iterations`
+    conjugate-gradient steps (no closed form), and [`pinv`] is the filtered back-projection.
 
     Args:
         image_size: `(H, W)` of the slices.
@@ -24,6 +27,7 @@ class RayTransform:
         source_distance: Fan beam: source to rotation centre, in pixels (default 2 x the diagonal).
         detector_distance: Fan beam: rotation centre to detector (default: the diagonal).
         samples_per_pixel: Sampling density along each ray.
+        cg_iterations: Conjugate-gradient iterations of [`~LinearOperator.prox_l2`].
     """
 
     def __init__(
@@ -35,13 +39,17 @@ class RayTransform:
         source_distance: float | None = None,
         detector_distance: float | None = None,
         samples_per_pixel: float = 2.0,
+        cg_iterations: int = 10,
     ):
         if geometry not in ("parallel", "fan"):
             raise ValueError(f"`geometry` must be 'parallel' or 'fan', got {geometry!r}.")
         if num_views < 1:
             raise ValueError(f"`num_views` must be at least 1, got {num_views}.")
+        if not isinstance(cg_iterations, int) or cg_iterations < 1:
+            raise ValueError(f"`cg_iterations` must be a positive int, got {cg_iterations!r}.")
         self.image_size = tuple(image_size)
         self.num_views = num_views
+        self.cg_iterations = cg_iterations
         self.geometry = geometry
         height, width = self.image_size
         diagonal = math.ceil(math.hypot(height, width))
@@ -102,8 +110,6 @@ class RayTransform:
         sums = samples.sum(dim=-1).reshape(batch, depth, channels, self.num_views, self.num_detectors)
         return sums.permute(0, 2, 1, 3, 4) * self._step.to(slices.device, slices.dtype)
 
-    __call__ = forward
-
     def adjoint(self, sinogram: torch.Tensor) -> torch.Tensor:
         """Back-projection: the exact adjoint of [`RayTransform.forward`], `(B, C, D, V, N)` → `(B, C, D, H, W)`."""
         batch, channels, depth = sinogram.shape[:3]
@@ -136,6 +142,10 @@ class RayTransform:
         filtered = torch.fft.irfft(spectrum, n=padded, dim=-1)[..., :detectors]
         # Each line is measured twice over the full circle: integrate over [0, 2π) and halve, dθ = 2π / views.
         return self.adjoint(filtered) * (math.pi / self.num_views)
+
+    def pinv(self, sinogram: torch.Tensor) -> torch.Tensor:
+        """The filtered back-projection [`fbp`]."""
+        return self.fbp(sinogram)
 
     def _rebin_to_parallel(self, sinogram: torch.Tensor) -> torch.Tensor:
         """Fan-beam `(B, C, D, V, N)` sinogram → parallel-beam sinogram on the same angles and detector spacing."""

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import torch
 
+from .base import LinearOperator, as_rho, real_dtype
+
 
 def cartesian_mask(
     num_lines: int, acceleration: float, center_fraction: float = 0.08, pattern: str = "random", seed: int = 0
@@ -90,37 +92,65 @@ def poisson_disc_mask(
     return torch.from_numpy(best)
 
 
-class UndersampledMRI:
-    """`y = M · F x` per axial slice: the orthonormal 2D FFT over `(H, W)` followed by a k-space mask.
+class UndersampledMRI(LinearOperator):
+    """`y = M · F x` per axial slice: the centred orthonormal 2D FFT over `(H, W)` followed by a k-space mask.
+
+    A [`LinearOperator`] on complex volumes (real inputs are cast): `F` is unitary and the mask real, so the proximal
+    step has the closed form `Fᴴ[(M y + rho F z) / (M² + rho)]` in k-space, and the adjoint (zero-filled inverse
+    FFT) is also [`pinv`]. For real images, take the real part of the (complex) proximal step.
 
     Args:
-        mask: Boolean mask broadcastable to `(H, W)`: a 1D line mask over W (`cartesian_mask`), or a 2D mask.
+        mask: Mask broadcastable to `(H, W)`: a 1D line mask over W (`cartesian_mask`), or a 2D mask; booleans are
+            read as 0/1.
     """
 
+    has_closed_form_prox = True
+
     def __init__(self, mask: torch.Tensor):
-        mask = torch.as_tensor(mask, dtype=torch.bool)
+        mask = torch.as_tensor(mask)
         self.mask = mask[None, :] if mask.ndim == 1 else mask
 
     def acceleration(self, shape: tuple[int, int]) -> float:
         """Achieved undersampling factor on a `(H, W)` k-space."""
-        full = self.mask.expand(shape)
+        full = self.mask.bool().expand(shape)
         return full.numel() / full.sum().item()
+
+    def _mask_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.mask.to(device=tensor.device, dtype=real_dtype(tensor))
+
+    @staticmethod
+    def _fft(volume: torch.Tensor) -> torch.Tensor:
+        if not volume.is_complex():
+            volume = volume.to(torch.complex128 if volume.dtype == torch.float64 else torch.complex64)
+        return torch.fft.fftshift(torch.fft.fft2(volume, norm="ortho"), dim=(-2, -1))
+
+    @staticmethod
+    def _ifft(kspace: torch.Tensor) -> torch.Tensor:
+        return torch.fft.ifft2(torch.fft.ifftshift(kspace, dim=(-2, -1)), norm="ortho")
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         """Masked, centred k-space (complex) of `(B, C, D, H, W)` volumes."""
-        kspace = torch.fft.fftshift(torch.fft.fft2(volume.to(torch.complex64), norm="ortho"), dim=(-2, -1))
-        return kspace * self.mask.to(volume.device)
-
-    __call__ = forward
+        kspace = self._fft(volume)
+        return kspace * self._mask_like(kspace)
 
     def adjoint(self, kspace: torch.Tensor) -> torch.Tensor:
         """`Fᴴ Mᵀ y`: the exact adjoint (complex images)."""
-        masked = kspace * self.mask.to(kspace.device)
-        return torch.fft.ifft2(torch.fft.ifftshift(masked, dim=(-2, -1)), norm="ortho")
+        return self._ifft(kspace * self._mask_like(kspace))
+
+    def pinv(self, kspace: torch.Tensor) -> torch.Tensor:
+        """The zero-filled inverse FFT (complex; equal to the adjoint, a pseudo-inverse for a binary mask)."""
+        return self.adjoint(kspace)
 
     def zero_filled(self, kspace: torch.Tensor) -> torch.Tensor:
         """Zero-filled reconstruction: the magnitude of the adjoint."""
         return self.adjoint(kspace).abs()
+
+    def prox_l2(self, z: torch.Tensor, y: torch.Tensor, rho: float | torch.Tensor) -> torch.Tensor:
+        """`Fᴴ[(M y + rho F z) / (M² + rho)]` (complex)."""
+        rho = as_rho(rho, z)
+        spectrum = self._fft(z)
+        mask = self._mask_like(spectrum)
+        return self._ifft((mask * y + rho * spectrum) / (mask * mask + rho))
 
 
 def undersampled_mri_condition(volume: torch.Tensor, acceleration: float = 4.0, seed: int = 0) -> torch.Tensor:
