@@ -54,10 +54,17 @@ from .pipelines import (
     MedDiffusionPipeline,
     MedDiffusionPipelineOutput,
     PatchSlidingWindowPipeline,
+    RePaint3DPipeline,
     VolumePipeline,
     VolumePipelineOutput,
 )
-from .schedulers import MedDiffusionDDIMScheduler, meddiffusion_cosine_betas, scheduler_from_name
+from .schedulers import (
+    MedDiffusionDDIMScheduler,
+    RePaintDDPMScheduler,
+    meddiffusion_cosine_betas,
+    repaint_jump_schedule,
+    scheduler_from_name,
+)
 from .utils import sliding_window_inference, window_coordinates
 
 register_with_diffusers()
@@ -92,6 +99,8 @@ __all__ = [
     "PatchUNet3DOutput",
     "PercentileScaling",
     "RayTransform",
+    "RePaint3DPipeline",
+    "RePaintDDPMScheduler",
     "Region",
     "RegionRegistry",
     "ResidualVolumeAttention",
@@ -116,6 +125,7 @@ __all__ = [
     "meddiffusion_cosine_betas",
     "meddiff_fm_regions",
     "meddiffusion_regions",
+    "repaint_jump_schedule",
     "save_nifti",
     "scheduler_from_name",
 ]

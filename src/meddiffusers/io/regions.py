@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .intensity import HUWindow
+
 
 def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower())
@@ -41,6 +43,12 @@ class Region:
             if tuple(size) == tuple(volume_size):
                 return tuple(spacing)
         return self.spacing
+
+    def hu_window(self) -> HUWindow:
+        """The region's HU window (HU ↔ `[-1, 1]`); a `ValueError` when it has none."""
+        if self.intensity_window is None:
+            raise ValueError(f"Region {self.name!r} has no `intensity_window`; add one to the pipeline's regions.")
+        return HUWindow(*self.intensity_window)
 
     def to_dict(self) -> dict:
         """JSON-ready form, as saved in `model_index.json`."""

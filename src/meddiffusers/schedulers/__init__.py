@@ -1,3 +1,5 @@
 from .by_name import SCHEDULERS, scheduler_from_name
+from .jump_schedule import repaint_jump_schedule
 from .schedule import meddiffusion_cosine_betas
 from .scheduling_meddiffusion_ddim import MedDiffusionDDIMScheduler
+from .scheduling_repaint_ddpm import RePaintDDPMScheduler

@@ -1,0 +1,1 @@
+from .pipeline_repaint_3d import RePaint3DPipeline
