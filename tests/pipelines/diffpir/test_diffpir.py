@@ -200,6 +200,16 @@ def test_draws_and_calls_per_step_and_outputs():
     assert isinstance(array, np.ndarray) and array.shape == truth.shape
 
 
+def test_replacing_diffusers_randn_tensor_reaches_every_draw(monkeypatch):
+    from diffusers.utils import torch_utils
+
+    monkeypatch.setattr(torch_utils, "randn_tensor", lambda shape, **kw: torch.zeros(shape))
+    truth = torch.full((1, 1, 2, 3, 3), 0.5)
+    once = analytic_pipeline()(truth, IdentityOperator(), 0.05, num_inference_steps=4, output_type="latent")
+    again = analytic_pipeline()(truth, IdentityOperator(), 0.05, num_inference_steps=4, output_type="latent")
+    torch.testing.assert_close(once.volumes, again.volumes, rtol=0, atol=0)  # no draw escaped the patch
+
+
 def test_intensity_map_runs_the_data_step_in_data_space():
     """Prox steps are invariant to an affine intensity map: restoring HU measurements through the window's map gives
     the model-space result."""
@@ -311,6 +321,7 @@ def test_bad_inputs_raise_before_the_model_runs():
         (dict(start_timestep=1000), "start_timestep"),
         (dict(latents=torch.zeros(1, 1, 2, 4, 5)), "latents"),
         (dict(output_type="png"), "output_type"),
+        (dict(overlap=1.0), "overlap"),
         (dict(intensity_map="soft_tissue"), "intensity_map"),
         (dict(region="Chest"), "regions"),
         (dict(measurement=torch.full((1, 1, 2, 4, 4), float("nan"))), "NaN"),

@@ -22,7 +22,7 @@ from ...io.nifti import affine_from_tensor_spacing
 from ...io.regions import RegionRegistry
 from ...models import BiFlowNet3DModel, PatchUNet3DModel, VQModel3D
 from ...operators import LinearOperator
-from ...utils.sliding_window import BLEND_MODES
+from ...utils.sliding_window import BLEND_MODES, window_locations
 from ...utils.validation import check_volume_tensor
 from ..meddiff_fm import predict_windowed_noise
 from ..pipeline_utils_3d import VolumePipeline, VolumePipelineOutput
@@ -207,6 +207,30 @@ class DiffPIRPipeline(VolumePipeline):
             )
         return torch.full((batch,), class_id, device=device, dtype=torch.long)
 
+    def check_settings(self, noise_level, lambda_, zeta, eta, repeats, data_step, blend) -> None:
+        """`ValueError`s for out-of-range scalar settings and unknown modes (see `__call__`)."""
+        for name, value, low, high in (
+            ("noise_level", noise_level, 0, None),
+            ("zeta", zeta, 0, 1),
+            ("eta", eta, 0, 1),
+        ):
+            if not isinstance(value, int | float) or value < low or (high is not None and value > high):
+                bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                raise ValueError(f"`{name}` must be a number {bounds}, got {value!r}.")
+        if not isinstance(lambda_, int | float) or lambda_ <= 0:
+            raise ValueError(f"`lambda_` must be a positive number, got {lambda_!r}.")
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"`repeats` must be a positive int, got {repeats!r}.")
+        if data_step not in DATA_STEPS:
+            raise ValueError(f"`data_step` must be one of {DATA_STEPS}, got {data_step!r}.")
+        if blend not in BLEND_MODES:
+            raise ValueError(f"`blend` must be one of {BLEND_MODES}, got {blend!r}.")
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"The scheduler's `prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}."
+            )
+
     def check_measurement(self, measurement, operator) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The measurement as a tensor and the `(B, C, D, H, W)` shape of the volumes it measures (`Aᴴ y`), or a
         `ValueError` when it does not fit the operator."""
@@ -262,8 +286,6 @@ class DiffPIRPipeline(VolumePipeline):
         """The prior step: the denoiser's `x̂₀` of the state at `timestep`, clipped to `[-1, 1]`."""
         t = torch.tensor(timestep, device=sample.device)
         if isinstance(self.unet, PatchUNet3DModel):
-            if class_labels is None:
-                raise ValueError("A PatchUNet3DModel prior needs `region=` (its class conditioning).")
             output = predict_windowed_noise(self.unet, sample, t, class_labels, **windowing)
         elif class_labels is not None:
             output = self.unet(sample, t, class_labels=class_labels)
@@ -400,27 +422,7 @@ class DiffPIRPipeline(VolumePipeline):
         # 1. Check the request before any model runs.
         self.check_output_type(output_type)
         tensor_inputs = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        for name, value, low, high in (
-            ("noise_level", noise_level, 0, None),
-            ("zeta", zeta, 0, 1),
-            ("eta", eta, 0, 1),
-        ):
-            if not isinstance(value, int | float) or value < low or (high is not None and value > high):
-                bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-                raise ValueError(f"`{name}` must be a number {bounds}, got {value!r}.")
-        if not isinstance(lambda_, int | float) or lambda_ <= 0:
-            raise ValueError(f"`lambda_` must be a positive number, got {lambda_!r}.")
-        if not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"`repeats` must be a positive int, got {repeats!r}.")
-        if data_step not in DATA_STEPS:
-            raise ValueError(f"`data_step` must be one of {DATA_STEPS}, got {data_step!r}.")
-        if blend not in BLEND_MODES:
-            raise ValueError(f"`blend` must be one of {BLEND_MODES}, got {blend!r}.")
-        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"The scheduler's `prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}."
-            )
+        self.check_settings(noise_level, lambda_, zeta, eta, repeats, data_step, blend)
         measurement, volume_shape = self.check_measurement(measurement, operator)
         if data_step == "closed_form" and not operator.has_closed_form_prox:
             raise ValueError(
@@ -442,8 +444,11 @@ class DiffPIRPipeline(VolumePipeline):
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have the state's shape {shape}, got {tuple(latents.shape)}.")
         class_labels = self.class_labels(region, batch, device)
+        if isinstance(self.unet, PatchUNet3DModel) and class_labels is None:
+            raise ValueError("A PatchUNet3DModel prior needs `region=` (its class conditioning).")
         window_size = self.config.window_size if window_size is None else window_size
         window = tuple(shape[2:]) if window_size is None else window_size
+        window_locations(shape[2:], window, overlap)  # validates `window_size` and `overlap`
         windowing = dict(window_size=window, overlap=overlap, blend=blend, window_batch_size=window_batch_size)
         affines = self.output_affines(affine, region, batch, output_type)
         measurement = measurement.to(device)
@@ -497,15 +502,18 @@ class DiffPIRPipeline(VolumePipeline):
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "x0_prior": x0_prior, "x0_data": x0_data, "renoised": renoised}
                     callback_kwargs = {name: available[name] for name in tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, step, t, callback_kwargs)
+                    callback_outputs = callback_on_step_end(self, step, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
 
         # 4. The final state in the requested form.
-        if output_type == "latent":
-            volumes = latents
-        else:
-            volumes = latents
+        return self.package_output(latents, volume_shape, intensity_map, affines, region, output_type, return_dict)
+
+    def package_output(self, latents, volume_shape, intensity_map, affines, region, output_type, return_dict):
+        """The final state as is (`"latent"`), else decoded (with a `vqvae`), clipped to `[-1, 1]` and, for
+        `"nifti"`, mapped to data space; with affines and region names."""
+        volumes = latents
+        if output_type != "latent":
             if self.vqvae is not None:
                 denormalized = self.vqvae.denormalize_latents(latents.to(self.vqvae.dtype))
                 volumes = self.vqvae.decode(denormalized, output_size=volume_shape[2:]).sample
@@ -513,11 +521,9 @@ class DiffPIRPipeline(VolumePipeline):
             if output_type == "nifti" and intensity_map is not None:
                 volumes = intensity_map.to_data(volumes)
         volumes = self.postprocess(volumes, affines, output_type)
-        names = (
-            None
-            if region is None or self.region_registry is None
-            else [self.region_registry.resolve(region).name] * batch
-        )
+        names = None
+        if region is not None and self.region_registry is not None:
+            names = [self.region_registry.resolve(region).name] * len(affines)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (volumes, affines, names)
