@@ -229,10 +229,12 @@ def make_batch(items, args, micro_step, accelerator, use_anatomy: bool) -> dict:
     return batch
 
 
-def build_pipeline(accelerator, unet, ema, scheduler, regions) -> PatchSlidingWindowPipeline:
-    """A pipeline with a copy of the (EMA) weights, for validation and the final save."""
+def build_pipeline(accelerator, unet, ema, scheduler, regions, patch_size) -> PatchSlidingWindowPipeline:
+    """A pipeline with a copy of the (EMA) weights, for validation and the final save; its default window is the
+    training patch."""
     model = model_with_ema_weights(accelerator, unet, ema)
-    return PatchSlidingWindowPipeline(unet=model, scheduler=scheduler, regions=regions.to_config())
+    window = patch_size[0] if len(patch_size) == 1 else tuple(patch_size)
+    return PatchSlidingWindowPipeline(unet=model, scheduler=scheduler, regions=regions.to_config(), window_size=window)
 
 
 def validate(args, pipeline, names, step) -> list[str]:
@@ -327,7 +329,9 @@ def main(argv=None):
         global_step = finish_step(accelerator, args, unet, ema, progress, global_step, loss, lr_scheduler)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             scheduler = DDIMScheduler.from_config(noise_scheduler.config)  # few steps, deterministic
-            pipeline = build_pipeline(accelerator, unet, ema, scheduler, regions).to(accelerator.device)
+            pipeline = build_pipeline(accelerator, unet, ema, scheduler, regions, args.patch_size).to(
+                accelerator.device
+            )
             validate(args, pipeline, validation_names, global_step)
         if global_step >= args.max_train_steps:
             break
@@ -335,7 +339,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         logger.info(f"Finished at step {global_step}; last loss {loss.detach().item():.6f}")
-        pipeline = build_pipeline(accelerator, unet, ema, noise_scheduler, regions)
+        pipeline = build_pipeline(accelerator, unet, ema, noise_scheduler, regions, args.patch_size)
         save_final_pipeline(pipeline, args.output_dir, args, logger)
     accelerator.end_training()
 

@@ -2,8 +2,8 @@
 
     python examples/demo/render_samples.py --output docs/source/en/imgs/demo_samples.png --seeds 0 1 \
         --data_dir ../shared/data
-    python examples/demo/render_samples.py --model meddiff-fm-demo --seeds 0 1 --steps 50 --volume_size 28 36 36 \
-        --data_dir ../shared/data --output docs/source/en/imgs/patch_demo_samples.png
+    python examples/demo/render_samples.py --model meddiff-fm-demo --seeds 0 1 --scheduler ddim --steps 25 \
+        --data_dir ../shared/data --output docs/source/en/imgs/patch_demo_samples.png --scale 1.0
 
 The volumes are shown as a radiologist would look at them: the tensor `(D, H, W)` of a RAS+ pipeline is
 (inferior -> superior, left -> right, posterior -> anterior), so the axial view (a `D` slice) is drawn with anterior
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from meddiffusers import MedDiffusionPipeline, PatchSlidingWindowPipeline
+from meddiffusers import MedDiffusionPipeline, PatchSlidingWindowPipeline, scheduler_from_name
 from meddiffusers.demo import BUNDLED_MODELS, demo_model_path
 from meddiffusers.io.intensity import PercentileScaling
 from meddiffusers.training.data import VolumePreprocessor
@@ -142,8 +142,12 @@ def main(argv=None):
     parser.add_argument("--data_dir", default=None, help="Also show each region's training volume from here.")
     parser.add_argument("--scale", type=float, default=0.75, help="Pixels per millimetre.")
     parser.add_argument("--volume_size", type=int, nargs=3, default=None, help="(D, H, W) (default: the region's).")
+    parser.add_argument("--scheduler", default=None, help="A short scheduler name (default: the pipeline's).")
+    parser.add_argument("--window_batch_size", type=int, default=4, help="Windows per call (MedDiff-FM models).")
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model)
+    if args.scheduler:
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for region in args.regions or pipe.region_registry.names:
@@ -156,6 +160,8 @@ def main(argv=None):
         for seed in args.seeds:
             generator = torch.Generator().manual_seed(seed)
             size = {"volume_size": tuple(args.volume_size)} if args.volume_size else {}
+            if isinstance(pipe, PatchSlidingWindowPipeline):
+                size["window_batch_size"] = args.window_batch_size
             output = pipe(region, num_inference_steps=args.steps, generator=generator, output_type="np", **size)
             volumes.append((f"{region}\nseed {seed}, {args.steps} steps", output.volumes[0, 0]))
         for label, volume in volumes:

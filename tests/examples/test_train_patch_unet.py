@@ -83,6 +83,7 @@ def test_resumed_run_ends_with_the_same_weights_and_the_pipeline_generates(manif
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2" and pipe.scheduler.config.thresholding
     assert pipe.unet.config.anatomy_encoding == "one_hot" and pipe.get_region("Thorax").class_id == 1
+    assert pipe.config.window_size == 8  # the training patch is the default sampling window
     anatomy = torch.zeros((1, 1, 8, 16, 8), dtype=torch.long)
     anatomy[..., 2:6, 4:12, 2:6] = 1
     output = pipe("Chest", volume_size=(8, 16, 8), window_size=8, anatomy=anatomy, num_inference_steps=2,

@@ -280,3 +280,20 @@ def test_thresholding_of_the_saved_scheduler_equals_clipping_and_takes_volumes_o
     volume = generate(pipeline(scheduler=thresholded), volume_size=large, window_size=large, num_inference_steps=1)
     assert volume.shape == (1, 1, *large) and volume.abs().max() <= 1
     assert thresholded._threshold_sample.__func__ is DDIMScheduler._threshold_sample  # restored after the call
+
+
+def test_callbacks_see_and_may_replace_the_state_at_every_step():
+    pipe = pipeline()
+    seen = []
+
+    def callback(pipe, step, timestep, tensors):
+        seen.append((step, sorted(tensors)))
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == 2 else {}
+
+    volume = generate(pipe, volume_size=(8, 8, 8), window_size=8, callback_on_step_end=callback,
+                      callback_on_step_end_tensor_inputs=["latents", "noise_pred"])  # fmt: skip
+    assert seen == [(step, ["latents", "noise_pred"]) for step in range(4)]
+    reference = generate(pipeline(), volume_size=(8, 8, 8), window_size=8)
+    assert (volume - reference).abs().max() > 1e-3  # the replaced state changed the last step
+    with pytest.raises(ValueError, match="subset"):
+        generate(pipe, volume_size=(8, 8, 8), window_size=8, callback_on_step_end_tensor_inputs=["anatomy"])

@@ -163,10 +163,7 @@ class PatchSlidingWindowPipeline(VolumePipeline):
 
     def hu_window(self, region: str | int | Region) -> HUWindow:
         """The region's HU window (HU ↔ `[-1, 1]`)."""
-        region = self.get_region(region)
-        if region.intensity_window is None:
-            raise ValueError(f"Region {region.name!r} has no `intensity_window`; add one to the pipeline's regions.")
-        return HUWindow(*region.intensity_window)
+        return self.get_region(region).hu_window()
 
     def check_sizes(self, volume_size, window_size) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """`volume_size` and the window (clipped to the volume) as triples, or a `ValueError` before any work."""
@@ -329,7 +326,8 @@ class PatchSlidingWindowPipeline(VolumePipeline):
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
                 if callback_on_step_end is not None:
-                    callback_kwargs = {name: locals()[name] for name in tensor_inputs}
+                    available = {"latents": latents, "noise_pred": noise_pred}
+                    callback_kwargs = {name: available[name] for name in tensor_inputs}
                     callback_outputs = callback_on_step_end(self, step, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
