@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from build_demo_model import strip_machine_paths  # examples/demo/, this script's folder
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.dirname(HERE)
 SOURCE = "ct_chest_pyradiomics_lung1.nii.gz"
@@ -34,19 +36,6 @@ REGIONS = [
         "intensity_window": [-1400.0, 400.0],
     }
 ]
-
-
-def strip_machine_paths(folder):
-    """Drop `_name_or_path` (the absolute path of the build folder) from every config written under `folder`."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            if name.endswith(".json"):
-                path = os.path.join(root, name)
-                with open(path, encoding="utf-8") as handle:
-                    config = json.load(handle)
-                if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
-                    with open(path, "w", encoding="utf-8") as handle:
-                        handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main():
