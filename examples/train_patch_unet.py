@@ -233,7 +233,7 @@ def build_pipeline(accelerator, unet, ema, scheduler, regions, patch_size) -> Pa
     """A pipeline with a copy of the (EMA) weights, for validation and the final save; its default window is the
     training patch."""
     model = model_with_ema_weights(accelerator, unet, ema)
-    window = patch_size[0] if len(patch_size) == 1 else tuple(patch_size)
+    window = patch_size[0] if len(set(patch_size)) == 1 else tuple(patch_size)  # a cube is saved as one side
     return PatchSlidingWindowPipeline(unet=model, scheduler=scheduler, regions=regions.to_config(), window_size=window)
 
 
