@@ -234,6 +234,15 @@ class VolumePipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------ outputs
 
+    def finish(self, volumes, affines: np.ndarray, names, output_type: str, return_dict: bool, output_class=None):
+        """Post-process the final volumes, release offloaded models, and return the output dataclass (an instance of
+        `output_class`, [`VolumePipelineOutput`] by default) or the tuple `(volumes, affines, names)`."""
+        volumes = self.postprocess(volumes, affines, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (volumes, affines, names)
+        return (output_class or VolumePipelineOutput)(volumes=volumes, affines=affines, regions=names)
+
     @staticmethod
     def postprocess(volumes: torch.Tensor, affines: np.ndarray, output_type: str):
         """Volumes in the requested form: a float32 array (`np`), a tensor (`pt`, `latent`) or NIfTI images."""

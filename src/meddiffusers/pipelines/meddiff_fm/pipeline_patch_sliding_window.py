@@ -224,12 +224,7 @@ class PatchSlidingWindowPipeline(VolumePipeline):
         affines = np.stack([affine_from_tensor_spacing(region.spacing) for region in regions])
         if output_type == "nifti":
             volumes = torch.cat([self.hu_window(region).inverse(v[None]) for region, v in zip(regions, volumes)])
-        volumes = self.postprocess(volumes, affines, output_type)
-        names = [region.name for region in regions]
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (volumes, affines, names)
-        return VolumePipelineOutput(volumes=volumes, affines=affines, regions=names)
+        return self.finish(volumes, affines, [region.name for region in regions], output_type, return_dict)
 
     @torch.no_grad()
     def __call__(

@@ -119,12 +119,8 @@ class MedDiffusionPipeline(VolumePipeline):
         """Decode the final latents (unless `output_type="latent"`) and return them with affines and region names."""
         volumes = latents if output_type == "latent" else self.decode_latents(latents).float().cpu()
         affines = self.region_affines(regions, volume_size, output_type)
-        volumes = self.postprocess(volumes, affines, output_type)
         names = [region.name for region in regions]
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (volumes, affines, names)
-        return MedDiffusionPipelineOutput(volumes=volumes, affines=affines, regions=names)
+        return self.finish(volumes, affines, names, output_type, return_dict, MedDiffusionPipelineOutput)
 
     @torch.no_grad()
     def __call__(
