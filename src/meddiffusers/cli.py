@@ -290,8 +290,15 @@ def autoencode(args: argparse.Namespace) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     """Generate volumes with a `MedDiffusionPipeline` or a `PatchSlidingWindowPipeline` and write them as NIfTI."""
-    import torch
 
+    from .generation import (
+        indices_of_this_process,
+        process_description,
+        process_device,
+        volume_generator,
+        volume_seeds,
+        wait_for_all_processes,
+    )
     from .pipelines import MedDiffusionPipeline, PatchSlidingWindowPipeline
     from .schedulers import SCHEDULERS, scheduler_from_name
 
@@ -327,41 +334,49 @@ def generate(args: argparse.Namespace) -> int:
     pipe = (PatchSlidingWindowPipeline if windowed else MedDiffusionPipeline).from_pretrained(args.model)
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
-    pipe = pipe.to(args.device)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed) if args.seed is not None else None
+    pipe = pipe.to(process_device(args.device))
     size = tuple(args.volume_size) if args.volume_size else None
+    window = tuple(args.window_size) if args.window_size else None
+    seeds = volume_seeds(args.seed, args.num_volumes)
+    indices = indices_of_this_process(args.num_volumes)  # all of them, or this process's share under accelerate
     start = time.perf_counter()
-    if windowed:  # CT in HU, windowed over volumes of any size
-        window = tuple(args.window_size) if args.window_size else None
-        output = pipe(
-            region=[region.name] * args.num_volumes,
-            volume_size=size,
-            window_size=window,
-            overlap=args.overlap,
-            blend=args.blend,
-            window_batch_size=args.window_batch_size,
-            num_inference_steps=args.steps,
-            generator=generator,
-            eta=args.eta,
-            output_type="nifti",
-        )
-        height, width, depth = output.volumes[0].shape  # NIfTI (x, y, z) = tensor (H, W, D)
-        shape = (depth, height, width)
-    else:
-        output = pipe(
-            region=region.name,
-            num_inference_steps=args.steps,
-            generator=generator,
-            num_volumes_per_region=args.num_volumes,
-            volume_size=size,
-            eta=args.eta,
-            output_type="pt",
-        )
-        shape = tuple(output.volumes.shape[2:])
-    paths = output.save(args.output)
-    print(f"generated {len(paths)} x {output.regions[0]} volume(s) of {shape} in {time.perf_counter() - start:.1f} s")
+    paths, shape = [], None
+    for index in indices:  # one volume per call: each from its own seed, whatever the number of processes
+        generator = volume_generator(seeds[index])
+        if windowed:  # CT in HU, windowed over volumes of any size
+            output = pipe(
+                region=region.name,
+                volume_size=size,
+                window_size=window,
+                overlap=args.overlap,
+                blend=args.blend,
+                window_batch_size=args.window_batch_size,
+                num_inference_steps=args.steps,
+                generator=generator,
+                eta=args.eta,
+                output_type="nifti",
+            )
+            height, width, depth = output.volumes[0].shape  # NIfTI (x, y, z) = tensor (H, W, D)
+            shape = (depth, height, width)
+        else:
+            output = pipe(
+                region=region.name,
+                num_inference_steps=args.steps,
+                generator=generator,
+                volume_size=size,
+                eta=args.eta,
+                output_type="pt",
+            )
+            shape = tuple(output.volumes.shape[2:])
+        paths += output.save(args.output, indices=[index], total=args.num_volumes)
+    where = process_description()
+    print(
+        f"{where + ': ' if where else ''}generated {len(paths)} x {region.name} volume(s) of {shape} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     for path in paths:
         print(f"wrote {path}")
+    wait_for_all_processes()
     return 0
 
 
@@ -410,8 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="DDIM stochasticity (0 deterministic, 1 the original stochastic sampler).",
     )
-    gen.add_argument("--seed", type=int, default=None, help="Random seed for reproducible volumes.")
-    gen.add_argument("--num-volumes", type=int, default=1, help="Volumes to generate.")
+    gen.add_argument(
+        "--seed", type=int, default=None, help="Random seed for reproducible volumes (volume i uses seed + i)."
+    )
+    gen.add_argument(
+        "--num-volumes",
+        type=int,
+        default=1,
+        help="Volumes to generate; under `accelerate launch -m meddiffusers generate ...` they are split between the "
+        "processes, with the same volumes and file names as on one process.",
+    )
     gen.add_argument("--volume-size", type=int, nargs=3, metavar=("D", "H", "W"), help="Override the region's size.")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps, where available.")
     windows = gen.add_argument_group("sliding windows (PatchSlidingWindowPipeline models)")
@@ -460,6 +483,18 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--tile", action="store_true", help="Decode in overlapping tiles (large volumes).")
     auto.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps, where available.")
     auto.set_defaults(handler=autoencode)
+
+    from .restore_cli import add_restore_arguments, restore
+
+    rest = commands.add_parser(
+        "restore",
+        help="Restore a NIfTI volume with a diffusion prior: denoise, zsr, sparse-ct, mri (DiffPIR) or inpaint "
+        "(RePaint).",
+        description="Denoising, z-super-resolution, sparse-view CT, accelerated MRI or inpainting of a NIfTI volume "
+        "with a MedDiff-FM patch prior or a MedDiffusion latent prior; the output keeps the input's units and affine.",
+    )
+    add_restore_arguments(rest)
+    rest.set_defaults(handler=restore)
     return parser
 
 

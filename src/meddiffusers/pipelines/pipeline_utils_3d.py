@@ -43,31 +43,41 @@ class VolumePipelineOutput(BaseOutput):
     affines: np.ndarray
     regions: list[str] | None = None
 
-    def output_paths(self, output: str | os.PathLike) -> list[str]:
+    def output_paths(
+        self, output: str | os.PathLike, indices: Sequence[int] | None = None, total: int | None = None
+    ) -> list[str]:
         """The files [`save`] writes for `output` (see there), without writing anything."""
         output = os.fspath(output)
         count = len(self.volumes)
+        indices = list(range(count)) if indices is None else list(indices)
+        if len(indices) != count:
+            raise ValueError(f"{len(indices)} indices for {count} volumes.")
+        total = count if total is None else total
         if output.endswith(NIFTI_EXTENSIONS):
-            if count == 1:
+            if total == 1:
                 return [output]
             extension = ".nii.gz" if output.endswith(".nii.gz") else ".nii"
             stem = output[: -len(extension)]
-            return [f"{stem}_{index}{extension}" for index in range(count)]
+            return [f"{stem}_{index}{extension}" for index in indices]
         if os.path.splitext(output)[1] and not os.path.isdir(output):
             raise ValueError(
                 f"Output {output!r} is neither a .nii/.nii.gz file nor a folder; use e.g. 'volume.nii.gz' or "
                 "'outputs/'."
             )
         names = self.regions or ["volume"] * count
-        return [os.path.join(output, f"{name}_{index}.nii.gz") for index, name in enumerate(names)]
+        return [os.path.join(output, f"{name}_{index}.nii.gz") for index, name in zip(indices, names)]
 
-    def save(self, output: str | os.PathLike) -> list[str]:
+    def save(
+        self, output: str | os.PathLike, indices: Sequence[int] | None = None, total: int | None = None
+    ) -> list[str]:
         """Write every volume as NIfTI with its affine.
 
         `output` is a `.nii`/`.nii.gz` path (one volume; with several, an index is appended before the extension) or a
-        folder, which then receives `<region>_<index>.nii.gz` files. Returns the paths written.
+        folder, which then receives `<region>_<index>.nii.gz` files. `indices` number the volumes (default 0, 1, ...)
+        and `total` is the size of the whole set they belong to (default: these volumes), for runs that write one set
+        in parts, e.g. one part per process. Returns the paths written.
         """
-        paths = self.output_paths(output)
+        paths = self.output_paths(output, indices, total)
         volumes = self.volumes
         if isinstance(volumes, list):
             volumes = [nifti_image_to_tensor(image) for image in volumes]
