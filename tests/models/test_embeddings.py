@@ -89,3 +89,24 @@ def test_fourier_position_encoding_matches_its_formula():
     torch.testing.assert_close(encoded[:, 6:9], torch.cos(math.pi * position))
     torch.testing.assert_close(encoded[:, 15:18], torch.sin(4 * math.pi * position))
     assert fourier_position_encoding(position, 2, include_input=False).shape[1] == 12
+
+
+def test_slice_position_embedding_matches_gem3d_positional_embedder():
+    from safetensors.torch import load_file
+
+    from meddiffusers.models.embeddings import slice_position_embedding
+    from tests.conftest import FIXTURES
+
+    tensors = load_file(FIXTURES / "gem3d_tiny" / "inputs_outputs.safetensors")
+    positions = torch.tensor([3 / 20, 17 / 20])  # the fixture's (k, S) pairs, float32 as in the original
+    assert torch.equal(positions, tensors["slice_pos"])
+    embedding = slice_position_embedding(positions, dim=128)
+    torch.testing.assert_close(embedding, tensors["slice_pos_embedding"], atol=1e-6, rtol=0)
+    # [cos ‖ sin] of 1000·p·exp(-ln(10000)·i/64), i < 64 (float64 reference).
+    arguments = 1000 * positions.double()[:, None] * torch.exp(-math.log(10000) * torch.arange(64.0) / 64)[None]
+    torch.testing.assert_close(embedding.double(), torch.cat([arguments.cos(), arguments.sin()], 1), atol=2e-4, rtol=0)
+    assert torch.equal(slice_position_embedding(0.15, dim=128)[0], embedding[0])
+    with pytest.raises(ValueError, match="even"):
+        slice_position_embedding(positions, dim=7)
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        slice_position_embedding(positions[None], dim=128)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import torch
-from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 
 
 def sinusoidal_timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -92,3 +92,28 @@ def fourier_position_encoding(
 def position_encoding_channels(num_frequencies: int, include_input: bool = True) -> int:
     """Channels of [`fourier_position_encoding`] for 3D coordinates."""
     return 3 * int(include_input) + 6 * num_frequencies
+
+
+def slice_position_embedding(positions: torch.Tensor, dim: int = 128) -> torch.Tensor:
+    """GEM-3D's slice-position condition: `[cos(1000·p·f) ‖ sin(1000·p·f)]`, `f_i = exp(-ln(10000) · i / (dim / 2))`.
+
+    The informed-slice generator is conditioned on the relative position `p = k / S` of slice `k` in a volume of `S`
+    slices (the original `PositionalEmbedder`): the timestep-style sinusoidal embedding of `1000 · p`, computed by
+    diffusers' `get_timestep_embedding` (cosines first, no frequency shift) in float32. Use it as one context token,
+    `encoder_hidden_states = slice_position_embedding(p)[:, None]`.
+
+    Args:
+        positions: Relative slice positions `(B,)` (a number is one position), in `[0, 1]`.
+        dim: Width of the embedding (even; 128 in GEM-3D).
+
+    Returns:
+        `(B, dim)` float32 embeddings.
+    """
+    positions = torch.as_tensor(positions, dtype=torch.float32)
+    if positions.ndim > 1:
+        raise ValueError(f"`positions` must be a number or a (B,) tensor, got shape {tuple(positions.shape)}.")
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"`dim` must be a positive even number, got {dim}.")
+    if not torch.isfinite(positions).all():
+        raise ValueError("`positions` must be finite.")
+    return get_timestep_embedding(1000 * positions.reshape(-1), dim, flip_sin_to_cos=True, downscale_freq_shift=0)
