@@ -23,12 +23,14 @@ install_requires = [
 ]
 
 extras = {
-    "test": ["pytest>=8", "pytest-xdist>=3", "nilearn>=0.10", "ruff>=0.6", "datasets>=3.0"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "nilearn>=0.10", "ruff>=0.6", "datasets>=3.0", "scikit-image>=0.22"],
     "training": ["datasets>=3.0", "tensorboard"],
     "xformers": ["xformers"],
     "docs": ["hf-doc-builder>=0.5"],
+    # The 2.5D (MAISI) feature extractor of `meddiffusers evaluate` builds torchvision's 2D backbones.
+    "evaluation": ["torchvision"],
 }
-extras["dev"] = sorted({dep for deps in extras.values() for dep in deps if dep != "xformers"})
+extras["dev"] = sorted({dep for deps in extras.values() for dep in deps if dep not in ("xformers", "torchvision")})
 
 setup(
     name="meddiffusers",
