@@ -495,6 +495,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_restore_arguments(rest)
     rest.set_defaults(handler=restore)
+
+    from .evaluation.cli import add_evaluate_arguments, evaluate
+
+    ev = commands.add_parser(
+        "evaluate",
+        help="Score generated volumes against real ones (FID, KID, MMD, MS-SSIM) or restorations (PSNR, SSIM).",
+        description="Features from a local extractor (MedicalNet 3D ResNet, MAISI 2.5D, or random for smoke tests), "
+        "metrics written as JSON plus a Markdown table with the extractor, its weights' sha256 and the intensity "
+        "convention. Nothing is downloaded.",
+    )
+    add_evaluate_arguments(ev)
+    ev.set_defaults(handler=evaluate)
     return parser
 
 

@@ -333,3 +333,37 @@ def test_bad_inputs_raise_before_the_model_runs():
         with pytest.raises(ValueError, match=message):
             pipe(**arguments)
     assert not pipe.unet.calls
+
+
+def test_anatomy_reaches_every_window_and_gives_the_whole_volume_result():
+    from tests.pipelines.repaint.test_repaint_3d import AnatomyPatchUNet, WholeVolumeAnatomyNetwork, anatomy_patch_unet
+
+    torch.manual_seed(1)
+    truth = torch.rand(1, 1, 8, 8, 12) * 1.6 - 0.8
+    anatomy = torch.randint(0, 6, (1, 1, 8, 8, 12))
+    mask = torch.ones_like(truth)
+    mask[..., 6:] = 0
+    operator = MaskOperator(mask)
+    unet = anatomy_patch_unet()
+    unet.__class__ = AnatomyPatchUNet
+    pipe = DiffPIRPipeline(unet=unet, scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    reference_net = WholeVolumeAnatomyNetwork()
+    reference_net.labels = anatomy
+    reference_pipe = DiffPIRPipeline(unet=reference_net, scheduler=DDPMScheduler())
+    reference_pipe.set_progress_bar_config(disable=True)
+
+    def run(model_pipe, **kwargs):
+        generator = torch.Generator().manual_seed(0)
+        settings = dict(num_inference_steps=5, generator=generator, output_type="latent")
+        return model_pipe(operator(truth), operator, 0.05, **settings, **kwargs).volumes
+
+    windowed = dict(region=0, window_size=8, overlap=0.5)
+    conditioned = run(pipe, anatomy=anatomy, **windowed)
+    assert set(unet.crops) == {(1, 1, 8, 8, 8)}
+    torch.testing.assert_close(conditioned, run(reference_pipe), atol=1e-5, rtol=0)
+    assert (conditioned - run(pipe, **windowed)).abs().max() > 0.05
+    with pytest.raises(ValueError, match="takes none"):
+        DiffPIRPipeline(unet=anatomy_patch_unet(None), scheduler=DDPMScheduler())(
+            operator(truth), operator, 0.05, region=0, window_size=8, anatomy=anatomy
+        )

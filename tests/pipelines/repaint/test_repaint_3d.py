@@ -455,3 +455,103 @@ def test_save_and_load_keep_the_scheduler_and_the_regions(tmp_path):
     loaded = RePaint3DPipeline.from_pretrained(tmp_path)
     assert type(loaded.scheduler) is RePaintDDPMScheduler and loaded.scheduler.config.variance_type == "learned_range"
     assert loaded.config.window_size == 8 and loaded.hu_window("Chest").min_hu == -1400
+
+
+# ------------------------------------------------------------------------------------------------ anatomy
+
+
+def analytic_eps(sample, timestep):
+    t = torch.as_tensor(timestep).to(sample.dtype) / 1000
+    return 0.5 * torch.tanh(sample) + 0.1 * torch.sin(3 * sample) * t + 0.05
+
+
+class AnatomyPatchUNet(PatchUNet3DModel):
+    """The analytic network plus 0.02 x each voxel's anatomy label: pointwise, so overlapping windows that each get
+    their own crop of the anatomy blend to exactly the whole-volume network below."""
+
+    def forward(self, sample, timestep, class_labels=None, position=None, anatomy=None, **kwargs):
+        self.crops = getattr(self, "crops", []) + [None if anatomy is None else tuple(anatomy.shape)]
+        eps = analytic_eps(sample, timestep)
+        if anatomy is not None:
+            eps = eps + 0.02 * anatomy.to(sample.dtype)
+        return type("Output", (), {"sample": eps})
+
+
+class WholeVolumeAnatomyNetwork(ModelMixin, ConfigMixin):
+    """The same function on the whole volume, with the anatomy fixed inside the network."""
+
+    @register_to_config
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.labels = None
+
+    def forward(self, sample, timestep):
+        return analytic_eps(sample, timestep) + 0.02 * self.labels.to(sample.dtype)
+
+
+def anatomy_patch_unet(encoding="label_map"):
+    torch.manual_seed(0)
+    return PatchUNet3DModel(
+        block_out_channels=(8, 16), attention_levels=(False, False), mid_block_attention=False, norm_num_groups=4,
+        num_position_frequencies=1, anatomy_encoding=encoding, num_anatomy_classes=5,
+    ).eval()  # fmt: skip
+
+
+def test_anatomy_reaches_every_window_and_gives_the_whole_volume_result():
+    torch.manual_seed(1)
+    image = torch.rand(1, 1, 8, 8, 12) * 1.6 - 0.8
+    anatomy = torch.randint(0, 6, (1, 1, 8, 8, 12))
+    mask = half_mask((1, 1, 8, 8, 12))
+    unet = anatomy_patch_unet()
+    unet.__class__ = AnatomyPatchUNet
+    pipe = RePaint3DPipeline(unet, RePaintDDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(model_pipe, **kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return model_pipe(image, mask, generator=generator, output_type="pt", **SMALL, **kwargs).volumes
+
+    windowed = dict(region="Chest", window_size=8, overlap=0.5)
+    conditioned = run(pipe, anatomy=anatomy[0, 0].numpy(), **windowed)  # (D, H, W) labels are accepted
+    assert set(unet.crops) == {(1, 1, 8, 8, 8)}  # every call of every window got its crop (2 windows along W)
+    unconditioned = run(pipe, **windowed)
+    reference_net = WholeVolumeAnatomyNetwork()
+    reference_net.labels = anatomy
+    reference = run(small_pipeline(reference_net))
+    torch.testing.assert_close(conditioned, reference, atol=1e-5, rtol=0)
+    unknown = mask == 0
+    assert (conditioned - unconditioned)[unknown].abs().max() > 0.05
+    torch.testing.assert_close(conditioned[~unknown], image[~unknown], atol=0, rtol=0)
+
+
+def test_a_real_anatomy_conditioned_patch_unet_depends_on_the_anatomy():
+    pipe = RePaint3DPipeline(anatomy_patch_unet("one_hot"), RePaintDDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = torch.zeros(1, 1, 8, 8, 8), half_mask((1, 1, 8, 8, 8))
+
+    def run(labels):
+        generator = torch.Generator().manual_seed(0)
+        output = pipe(image, mask, region="Chest", anatomy=labels, generator=generator, output_type="pt", **SMALL)
+        return output.volumes
+
+    background, organ = torch.zeros(8, 8, 8, dtype=torch.long), torch.full((8, 8, 8), 3)
+    torch.testing.assert_close(run(None), run(background), atol=0, rtol=0)  # omitted = all background
+    assert (run(organ) - run(background)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("unet", "anatomy", "message"),
+    [
+        (lambda: anatomy_patch_unet(None), torch.zeros(8, 8, 8, dtype=torch.long), "takes none"),
+        (AnalyticNetwork, torch.zeros(8, 8, 8, dtype=torch.long), "needs a PatchUNet3DModel"),
+        (anatomy_patch_unet, torch.zeros(8, 8, 4, dtype=torch.long), "must cover the volume"),
+        (anatomy_patch_unet, torch.full((8, 8, 8), 0.5), "integer labels"),
+        (anatomy_patch_unet, torch.full((8, 8, 8), 6), r"\[0, 5\]"),
+    ],
+)
+def test_bad_anatomy_is_refused_before_any_model_runs(unet, anatomy, message):
+    pipe = RePaint3DPipeline(unet(), RePaintDDPMScheduler())
+    region = "Chest" if isinstance(pipe.unet, PatchUNet3DModel) else None
+    with pytest.raises(ValueError, match=message):
+        pipe(torch.zeros(1, 1, 8, 8, 8), half_mask((1, 1, 8, 8, 8)), region=region, anatomy=anatomy, **SMALL)

@@ -26,6 +26,7 @@ from ...utils.sliding_window import BLEND_MODES, window_locations
 from ...utils.validation import check_volume_tensor
 from ..meddiff_fm import predict_windowed_noise
 from ..pipeline_utils_3d import VolumePipeline, VolumePipelineOutput
+from ..repaint.anatomy import prepare_anatomy
 from .intensity_map import as_intensity_map
 
 SKIP_TYPES = ("quad", "uniform")
@@ -282,11 +283,14 @@ class DiffPIRPipeline(VolumePipeline):
 
     # ------------------------------------------------------------------------------------------------ steps
 
-    def predict_x0(self, sample, timestep: int, schedule: DiffPIRSchedule, class_labels, windowing) -> torch.Tensor:
-        """The prior step: the denoiser's `x̂₀` of the state at `timestep`, clipped to `[-1, 1]`."""
+    def predict_x0(
+        self, sample, timestep: int, schedule: DiffPIRSchedule, class_labels, windowing, anatomy=None
+    ) -> torch.Tensor:
+        """The prior step: the denoiser's `x̂₀` of the state at `timestep`, clipped to `[-1, 1]` (a
+        [`PatchUNet3DModel`] gets each window's crop of `anatomy` when given)."""
         t = torch.tensor(timestep, device=sample.device)
         if isinstance(self.unet, PatchUNet3DModel):
-            output = predict_windowed_noise(self.unet, sample, t, class_labels, **windowing)
+            output = predict_windowed_noise(self.unet, sample, t, class_labels, anatomy=anatomy, **windowing)
         elif class_labels is not None:
             output = self.unet(sample, t, class_labels=class_labels)
         else:
@@ -371,6 +375,7 @@ class DiffPIRPipeline(VolumePipeline):
         overlap: float = 0.5,
         blend: str = "constant",
         window_batch_size: int = 1,
+        anatomy: torch.Tensor | np.ndarray | None = None,
         affine: np.ndarray | None = None,
         output_type: str = "np",
         return_dict: bool = True,
@@ -405,6 +410,8 @@ class DiffPIRPipeline(VolumePipeline):
             region: Region name or class id for class-conditional denoisers (needed by a [`PatchUNet3DModel`]).
             window_size: Window of a patch denoiser (default: the pipeline's `window_size`, else the whole volume).
             overlap / blend / window_batch_size: Windowing of a patch denoiser ([`predict_windowed_noise`]).
+            anatomy: Integer anatomy labels over the whole volume, `(D, H, W)` or `(1 or B, 1, D, H, W)` (0
+                background), for a [`PatchUNet3DModel`] built with an `anatomy_encoding`: each window gets its crop.
             affine: `(4, 4)` or `(B, 4, 4)` voxel-to-world matrices for the outputs (default: the region's spacing,
                 else the identity).
             output_type: `"np"` / `"pt"` (model space, clipped to `[-1, 1]`), `"latent"` (the final state, in model
@@ -450,6 +457,7 @@ class DiffPIRPipeline(VolumePipeline):
         window = tuple(shape[2:]) if window_size is None else window_size
         window_locations(shape[2:], window, overlap)  # validates `window_size` and `overlap`
         windowing = dict(window_size=window, overlap=overlap, blend=blend, window_batch_size=window_batch_size)
+        anatomy = prepare_anatomy(self.unet, anatomy, batch, shape[2:], device)
         affines = self.output_affines(affine, region, batch, output_type)
         measurement = measurement.to(device)
 
@@ -477,7 +485,7 @@ class DiffPIRPipeline(VolumePipeline):
             for step, (t, t_prev, u) in enumerate(calls):
                 if self.interrupt:
                     break
-                x0_prior = self.predict_x0(latents, t, schedule, class_labels, windowing)
+                x0_prior = self.predict_x0(latents, t, schedule, class_labels, windowing, anatomy)
                 if t_prev is None:  # last timestep: the model is called, its x̂₀ is not used
                     x0_data, renoised = x0_prior, latents
                 else:

@@ -29,6 +29,7 @@ from ...utils.sliding_window import BLEND_MODES, window_locations
 from ...utils.validation import as_triple, check_volume_tensor
 from ..meddiff_fm.pipeline_patch_sliding_window import predict_windowed_noise
 from ..pipeline_utils_3d import VolumePipeline, VolumePipelineOutput, thresholding_without_quantiles
+from .anatomy import prepare_anatomy
 
 logger = logging.get_logger(__name__)
 
@@ -204,12 +205,13 @@ class RePaint3DPipeline(VolumePipeline):
 
     # ------------------------------------------------------------------------------------------------ model
 
-    def predict_noise(self, sample, timestep, class_labels, windowing: dict) -> torch.Tensor:
-        """The prior's output at one timestep: windowed for a [`PatchUNet3DModel`], else `unet(sample, t)`."""
+    def predict_noise(self, sample, timestep, class_labels, windowing: dict, anatomy=None) -> torch.Tensor:
+        """The prior's output at one timestep: windowed for a [`PatchUNet3DModel`] (each window with its crop of
+        `anatomy`, `(B, 1, D, H, W)` labels, when given), else `unet(sample, t)`."""
         if isinstance(self.unet, PatchUNet3DModel):
             if class_labels is None:
                 class_labels = torch.zeros(len(sample), dtype=torch.long, device=sample.device)
-            return predict_windowed_noise(self.unet, sample, timestep, class_labels, **windowing)
+            return predict_windowed_noise(self.unet, sample, timestep, class_labels, anatomy=anatomy, **windowing)
         extra = {} if class_labels is None else {"class_labels": class_labels}
         output = self.unet(sample, timestep, **extra)
         if isinstance(output, torch.Tensor):
@@ -268,6 +270,7 @@ class RePaint3DPipeline(VolumePipeline):
         overlap: float = 0.5,
         blend: str = "constant",
         window_batch_size: int = 1,
+        anatomy: torch.Tensor | np.ndarray | None = None,
         latents: torch.Tensor | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         affine: np.ndarray | None = None,
@@ -296,6 +299,9 @@ class RePaint3DPipeline(VolumePipeline):
             class_labels: `(B,)` class ids instead of `region`.
             window_size / overlap / blend / window_batch_size: Windowing of a [`PatchUNet3DModel`] prior (see
                 [`predict_windowed_noise`]); `window_size` defaults to the pipeline's.
+            anatomy: Integer anatomy labels over the whole volume, `(D, H, W)` or `(1 or B, 1, D, H, W)` (0
+                background), for a [`PatchUNet3DModel`] built with an `anatomy_encoding`: every network call gets
+                each window's crop of it, as [`PatchSlidingWindowPipeline`] samples.
             latents: Initial noise `x_T` of the model-space shape instead of drawing it.
             generator: One `torch.Generator` or one per volume. Every draw is one `randn_tensor` call of the
                 model-space shape: `x_T`, then per reverse step the sampling noise and (after the first) the known
@@ -328,6 +334,7 @@ class RePaint3DPipeline(VolumePipeline):
             image, mask_image, num_inference_steps, jump_schedule, output_type, latents, class_labels, windowing
         )
         self.check_generators(generator, batch)
+        anatomy = prepare_anatomy(self.unet, anatomy, batch, image.shape[2:], device)
         dtype = self.unet.dtype
 
         # 2. The known region in model space: the image itself, or its latents with the mask at latent resolution.
@@ -363,7 +370,7 @@ class RePaint3DPipeline(VolumePipeline):
                         known_noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
                         noisy_known = self.scheduler.add_noise(known, known_noise, t.reshape(1))
                         latents = keep * noisy_known + (1 - keep) * latents
-                    model_output = self.predict_noise(latents, t, class_labels, windowing)
+                    model_output = self.predict_noise(latents, t, class_labels, windowing, anatomy)
                     model_output = self.split_variance(model_output, latents)
                     output = self.scheduler.step(model_output, t, latents, variance_noise=noise)
                     latents, pred_original_sample = output.prev_sample, output.pred_original_sample
