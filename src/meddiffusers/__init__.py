@@ -6,6 +6,18 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin
 
 from ._registration import register_with_diffusers
+from .evaluation import (
+    IntensityConvention,
+    MedicalNetFeatureExtractor,
+    Planes25DFeatureExtractor,
+    RandomFeatureExtractor,
+    frechet_distance,
+    kernel_inception_distance,
+    maximum_mean_discrepancy,
+    ms_ssim_3d,
+    psnr,
+    ssim_3d,
+)
 from .io import (
     HUWindow,
     NiftiVolume,
@@ -18,6 +30,7 @@ from .io import (
     save_nifti,
 )
 from .loaders import FromOriginalCheckpointMixin, KeyReport, load_original_checkpoint, load_original_model
+from .loaders.original_gem3d_checkpoint import load_gem3d_components
 from .models import (
     BiFlowNet3DModel,
     BiFlowNet3DOutput,
@@ -38,6 +51,8 @@ from .models import (
     VQModel3DEncoderOutput,
 )
 from .models.autoencoders import load_vq_model
+from .models.embeddings import slice_position_embedding
+from .models.unets.unet_gem3d import GEM3DUNetModel, GEM3DUNetOutput
 from .operators import (
     AveragePoolOperator,
     IdentityOperator,
@@ -58,6 +73,7 @@ from .pipelines import (
     VolumePipeline,
     VolumePipelineOutput,
 )
+from .pipelines.gem3d import GEM3DVolumePipeline, GEM3DVolumePipelineOutput, gem3d_ddim_scheduler
 from .schedulers import (
     MedDiffusionDDIMScheduler,
     RePaintDDPMScheduler,
@@ -128,4 +144,21 @@ __all__ = [
     "repaint_jump_schedule",
     "save_nifti",
     "scheduler_from_name",
+    "GEM3DVolumePipeline",
+    "GEM3DVolumePipelineOutput",
+    "gem3d_ddim_scheduler",
+    "GEM3DUNetModel",
+    "GEM3DUNetOutput",
+    "slice_position_embedding",
+    "load_gem3d_components",
+    "IntensityConvention",
+    "MedicalNetFeatureExtractor",
+    "Planes25DFeatureExtractor",
+    "RandomFeatureExtractor",
+    "frechet_distance",
+    "kernel_inception_distance",
+    "maximum_mean_discrepancy",
+    "ms_ssim_3d",
+    "psnr",
+    "ssim_3d",
 ]

@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = commands.add_parser(
         "convert",
-        help="Convert released 3D MedDiffusion checkpoints into a meddiffusers (safetensors) folder.",
+        help="Convert released 3D MedDiffusion or GEM-3D checkpoints into a meddiffusers (safetensors) folder.",
         description="Convert original .ckpt/.pt files (read without executing pickled code) into a pipeline folder.",
     )
     build_argument_parser(conv)

@@ -1,6 +1,8 @@
-"""Convert released 3D MedDiffusion checkpoints into a meddiffusers folder (safetensors, configs, model card).
+"""Convert released checkpoints into a meddiffusers folder (safetensors, configs, model card).
 
-Used by `meddiffusers convert` and `scripts/convert_checkpoints/convert_meddiffusion_to_diffusers.py`.
+3D MedDiffusion (Patch-Volume autoencoder, BiFlowNet, ControlNet) and GEM-3D (volume model + informed-slice
+generator, [`convert_gem3d`]). Used by `meddiffusers convert` and
+`scripts/convert_checkpoints/convert_meddiffusion_to_diffusers.py`.
 """
 
 from __future__ import annotations
@@ -116,6 +118,29 @@ Regions (anatomy / modality classes) and their default sizes and spacings are st
 """
 
 
+def _check_output_dir(output_dir: str) -> None:
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ValueError(f"Output folder {output_dir!r} exists and is not empty; choose a new one.")
+
+
+def _write_atomically(output_dir: str, write) -> None:
+    """Run `write(staging)` in a private folder next to `output_dir`, then move it into place (all or nothing)."""
+    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".meddiffusers-convert-", dir=parent)
+    try:
+        write(staging)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates it private
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def convert(
     output_dir: str,
     vqvae_checkpoint: str | None = None,
@@ -150,14 +175,16 @@ def convert(
     from .schedulers import MedDiffusionDDIMScheduler
 
     if not (vqvae_checkpoint or unet_checkpoint or controlnet_checkpoint):
-        raise ValueError("Nothing to convert: pass --vqvae_checkpoint, --unet_checkpoint or both.")
+        raise ValueError(
+            "Nothing to convert: pass --vqvae_checkpoint, --unet_checkpoint or both "
+            "(GEM-3D: --gem3d_volume_checkpoint)."
+        )
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     for path in (vqvae_checkpoint, unet_checkpoint, controlnet_checkpoint):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"Checkpoint not found: {path!r}.")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise ValueError(f"Output folder {output_dir!r} exists and is not empty; choose a new one.")
+    _check_output_dir(output_dir)
 
     vqvae_cfg, unet_kwargs = _split_original_config(original_config)
     report = ConversionReport(output_dir=os.path.abspath(output_dir))
@@ -197,10 +224,8 @@ def convert(
             )
 
     torch_dtype = DTYPES[dtype]
-    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".meddiffusers-convert-", dir=parent)
-    try:
+
+    def write(staging: str) -> None:
         if vqvae is not None and unet is not None:
             classes = unet.config.num_class_embeds or 0
             if classes == len(meddiffusion_regions()):
@@ -224,15 +249,156 @@ def convert(
         sources = {name: path for name, path in sources.items() if path}
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(_model_card(report.components, dtype, sources))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates it private
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    _write_atomically(output_dir, write)
+    return report
+
+
+def _gem3d_model_card(components: list[str], dtype: str, sources: dict[str, str], max_label: int) -> str:
+    source_lines = "\n".join(
+        f"- `{name}`: converted from `{os.path.basename(path)}`" for name, path in sources.items()
+    )
+    informed = (
+        "mask=mask, start_slice=40, num_inference_steps=200"
+        if "slice_unet" in components
+        else "mask=mask, informed_slice=(reference, 40), start_slice=40"
+    )
+    return f"""---
+license: other
+library_name: meddiffusers
+tags:
+- medical-imaging
+- 3d
+- mri
+- ct
+- segmentation-to-image
+- diffusion
+- meddiffusers
+---
+
+# GEM-3D (converted for meddiffusers)
+
+Weights of [GEM-3D](https://arxiv.org/abs/2403.12852) (Zhu et al., *Generative Enhancement for 3D Medical Images*):
+a latent diffusion model that generates a whole 3D volume matching a segmentation mask, window by window, from one
+"informed slice" that sets the appearance. Converted from the authors' PyTorch-Lightning checkpoints to safetensors
+for the meddiffusers library; the numbers are unchanged. Weights are stored as {dtype}. Masks hold labels
+0..{max_label}.
+
+{source_lines}
+
+Research use only; not a medical device. The original code (HKU-MedAI/GEM-3D) is GPL-3.0; check the authors'
+release of the weights for their terms before redistributing.
+
+## Usage
+
+```python
+import torch
+from meddiffusers import GEM3DVolumePipeline, load_nifti
+
+pipe = GEM3DVolumePipeline.from_pretrained("REPO_OR_FOLDER")
+mask = load_nifti("labels.nii.gz")
+reference = load_nifti("another_patient.nii.gz")
+output = pipe({informed}, generator=torch.Generator().manual_seed(0))
+output.save("synthetic.nii.gz")
+```
+
+## Citation
+
+```bibtex
+@article{{zhu2024gem3d,
+  title   = {{Generative Enhancement for 3D Medical Images}},
+  author  = {{Zhu, Lingting and Codella, Noel and Chen, Dongdong and Jin, Zhenchao and Yuan, Lu and Yu, Lequan}},
+  journal = {{arXiv preprint arXiv:2403.12852}},
+  year    = {{2024}}
+}}
+```
+"""
+
+
+def convert_gem3d(
+    output_dir: str,
+    volume_checkpoint: str,
+    slice_checkpoint: str | None = None,
+    original_config: str | dict | None = None,
+    slice_original_config: str | dict | None = None,
+    dtype: str = "fp32",
+    use_ema: bool = False,
+    slice_use_ema: bool = False,
+    max_label: int = 3,
+    resolution: int | None = None,
+) -> ConversionReport:
+    """Convert the original GEM-3D checkpoints into a [`GEM3DVolumePipeline`] folder (written atomically).
+
+    The folder holds `model_index.json`, `vae/`, `unet/`, `scheduler/` (GEM-3D's DDIM with the checkpoint's schedule),
+    `slice_unet/` when a slice checkpoint is given, and a model card. Checkpoints are read once each and never
+    execute pickled code.
+
+    Args:
+        output_dir: Destination folder (must not exist or be empty).
+        volume_checkpoint: The stage-2 (pseudo-3D) `.ckpt` (`last.ckpt` of the original training).
+        slice_checkpoint: The informed-slice generator `.ckpt`.
+        original_config: The volume model's original YAML (path) or `{"model": ...}` dict; `None` infers it.
+        slice_original_config: The same for the slice generator.
+        dtype: `fp32`, `fp16` or `bf16` for the saved weights.
+        use_ema: Take the volume model's EMA weights (the original inference uses the raw ones).
+        slice_use_ema: Take the slice generator's EMA weights.
+        max_label: Largest mask label the model was trained with (3 brain, 4 abdomen), saved in the pipeline config.
+        resolution: Model input size; default the original config's `image_size` times the VAE factor (512).
+
+    Returns:
+        A [`ConversionReport`] with the key reports of `unet`, `vae` and `slice_unet`.
+    """
+    from .loaders.original_gem3d_checkpoint import load_gem3d_components
+    from .pipelines.gem3d import GEM3DVolumePipeline, gem3d_ddim_scheduler
+    from .pipelines.gem3d.pipeline_gem3d_volume import original_resolution
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    for path in (volume_checkpoint, slice_checkpoint):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"Checkpoint not found: {path!r}.")
+    for config in (original_config, slice_original_config):
+        if isinstance(config, str | os.PathLike) and not os.path.isfile(config):
+            raise FileNotFoundError(f"Original config not found: {config!r}.")
+    _check_output_dir(output_dir)
+
+    parts = load_gem3d_components(
+        volume_checkpoint,
+        slice_checkpoint=slice_checkpoint,
+        original_config=original_config,
+        slice_original_config=slice_original_config,
+        use_ema=use_ema,
+        slice_use_ema=slice_use_ema,
+    )
+    if parts["slice_unet"] is not None and parts["slice_unet"].config.in_channels != parts["unet"].config.out_channels:
+        raise ValueError(
+            "The slice generator's latents do not match the volume model's: these files do not belong together."
+        )
+    report = ConversionReport(output_dir=os.path.abspath(output_dir))
+    for name, key_report in parts["report"].items():
+        if key_report is not None:
+            report.add(name, key_report)
+    if resolution is None:
+        resolution = original_resolution(original_config, parts["vae"])
+    torch_dtype = DTYPES[dtype]
+    pipe = GEM3DVolumePipeline(
+        vae=_cast(parts["vae"], torch_dtype),
+        unet=_cast(parts["unet"], torch_dtype),
+        scheduler=gem3d_ddim_scheduler(**parts["scheduler_config"]),
+        slice_unet=None if parts["slice_unet"] is None else _cast(parts["slice_unet"], torch_dtype),
+        max_label=max_label,
+        resolution=resolution,
+    )
+    report.components = ["vae", "unet", "scheduler"] + (["slice_unet"] if parts["slice_unet"] is not None else [])
+    sources = {"unet, vae": volume_checkpoint, "slice_unet": slice_checkpoint}
+    sources = {name: os.fspath(path) for name, path in sources.items() if path}
+
+    def write(staging: str) -> None:
+        pipe.save_pretrained(staging)
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(_gem3d_model_card(report.components, dtype, sources, max_label))
+
+    _write_atomically(output_dir, write)
     return report
 
 
@@ -249,6 +415,13 @@ def build_argument_parser(parser: argparse.ArgumentParser | None = None) -> argp
     parser.add_argument(
         "--allow_unreleased_pair", action="store_true", help="Accept a non-released AE/BiFlowNet pair."
     )
+    gem3d = parser.add_argument_group("GEM-3D (instead of the 3D MedDiffusion checkpoints)")
+    gem3d.add_argument("--gem3d_volume_checkpoint", help="Original GEM-3D stage-2 .ckpt (the volume model).")
+    gem3d.add_argument("--gem3d_slice_checkpoint", help="Original GEM-3D informed-slice generator .ckpt.")
+    gem3d.add_argument("--gem3d_original_config", help="Original YAML of the volume model (else inferred).")
+    gem3d.add_argument("--gem3d_slice_original_config", help="Original YAML of the slice generator.")
+    gem3d.add_argument("--gem3d_ema", action="store_true", help="Use the EMA weights (the original uses raw ones).")
+    gem3d.add_argument("--max_label", type=int, default=3, help="Largest mask label: 3 brain, 4 abdomen.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to the Hub after converting.")
     parser.add_argument("--repo_id", help="Hub repository for --push_to_hub, e.g. user/meddiffusion-8x.")
     parser.add_argument("--verbose", action="store_true", help="List every mapped and dropped source key.")
@@ -259,7 +432,30 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run a conversion from parsed arguments and print what was done."""
     if args.push_to_hub and not args.repo_id:
         raise ValueError("--push_to_hub needs --repo_id.")
-    report = convert(
+    gem3d = getattr(args, "gem3d_volume_checkpoint", None)
+    if getattr(args, "gem3d_slice_checkpoint", None) and not gem3d:
+        raise ValueError("--gem3d_slice_checkpoint needs --gem3d_volume_checkpoint.")
+    if gem3d and (args.vqvae_checkpoint or args.unet_checkpoint or args.controlnet_checkpoint):
+        raise ValueError("Convert GEM-3D and 3D MedDiffusion checkpoints in separate runs.")
+    if gem3d:
+        report = convert_gem3d(
+            output_dir=args.output_dir,
+            volume_checkpoint=gem3d,
+            slice_checkpoint=args.gem3d_slice_checkpoint,
+            original_config=args.gem3d_original_config,
+            slice_original_config=args.gem3d_slice_original_config,
+            dtype=args.dtype,
+            use_ema=args.gem3d_ema,
+            slice_use_ema=args.gem3d_ema,
+            max_label=args.max_label,
+        )
+    else:
+        report = _convert_meddiffusion(args)
+    return _print_report(args, report)
+
+
+def _convert_meddiffusion(args: argparse.Namespace) -> ConversionReport:
+    return convert(
         output_dir=args.output_dir,
         vqvae_checkpoint=args.vqvae_checkpoint,
         unet_checkpoint=args.unet_checkpoint,
@@ -269,6 +465,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         original_config=args.original_config,
         allow_unreleased_pair=args.allow_unreleased_pair,
     )
+
+
+def _print_report(args: argparse.Namespace, report: ConversionReport) -> int:
     for name in report.mapped:
         print(
             f"{name}: {len(report.mapped[name])} weights mapped, {len(report.dropped.get(name, []))} entries dropped"
