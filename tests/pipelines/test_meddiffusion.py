@@ -241,21 +241,25 @@ def test_custom_regions_are_saved_configuration(pipe, tmp_path):
         reloaded.get_region("MRBrain")
 
 
-def test_large_latents_switch_to_tiled_decoding(pipe, monkeypatch):
+def test_large_latents_switch_to_exact_slab_decoding(pipe, monkeypatch):
+    """Above the threshold the pipeline decodes slab by slab: the same volume as the full decode, and afterwards the
+    autoencoder is back in its own mode."""
+    latents = torch.rand(1, 4, 8, 16, 16) * 2 - 1
+    full = pipe.decode_latents(latents)  # 8 * 16 * 16 latent voxels: not above the default threshold
     seen = {}
-    original = pipe.vqvae.tiled_decode
+    original = pipe.vqvae.slab_decode
 
     def spy(latents, **kwargs):
-        seen["tiled"] = True
+        seen["slab"] = True
         return original(latents, **kwargs)
 
-    monkeypatch.setattr(pipe.vqvae, "tiled_decode", spy)
+    monkeypatch.setattr(pipe.vqvae, "slab_decode", spy)
+    threshold = pipe.config.tiled_decode_threshold
     pipe.register_to_config(tiled_decode_threshold=8**3)
-    pipe.vqvae.tile_latent_size = (8, 8, 8)
     try:
-        volumes = pipe.decode_latents(torch.rand(1, 4, 8, 16, 16) * 2 - 1)
+        volumes = pipe.decode_latents(latents)
     finally:
-        pipe.register_to_config(tiled_decode_threshold=32**3)
-        pipe.vqvae.tile_latent_size = (16, 16, 16)
-    assert seen.get("tiled") and volumes.shape == (1, 1, *VOLUME)
-    assert not pipe.vqvae.use_tiling
+        pipe.register_to_config(tiled_decode_threshold=threshold)
+    assert seen.get("slab") and volumes.shape == (1, 1, *VOLUME)
+    torch.testing.assert_close(volumes, full, atol=1e-5, rtol=0)
+    assert not pipe.vqvae.use_slab_decoding and not pipe.vqvae.use_tiling

@@ -19,6 +19,7 @@ from ...utils.volume import pad_to_multiple
 from ...utils.volume_tiling import merge_patches, split_into_patches
 from ..modeling_utils import PortableConfigMixin
 from .patch_volume import PatchVolumeDecoder, PatchVolumeEncoder
+from .slab_decoding import SlabDecoder
 from .vector_quantizer_3d import VectorQuantizer3D, VectorQuantizer3DOutput
 
 
@@ -46,7 +47,8 @@ class VQModel3D(
     Encoding cuts the volume into non-overlapping `patch_size` cubes, encodes each independently and assembles their
     latents on the patch grid, so encoding memory does not grow with the volume. Decoding quantises the latent to its
     nearest codebook vectors and decodes the whole latent at once, so the reconstruction has no patch seams. With
-    [`~VQModel3D.enable_tiling`], large latents are decoded as overlapping, blended tiles instead.
+    [`~VQModel3D.enable_slab_decoding`], the same decode runs slab by slab in bounded memory with the same result;
+    with [`~VQModel3D.enable_tiling`], large latents are decoded as overlapping, blended tiles (faster, approximate).
 
     Volumes whose sides are not multiples of `patch_size` are padded at the end of each axis with `pad_value` (the
     background of the model's `[-1, 1]` intensity space) and `forward` crops the reconstruction back to the input
@@ -131,6 +133,10 @@ class VQModel3D(
         self.tile_latent_overlap = 4
         self.tile_blend_mode = "constant"
         self.patch_batch_size = 8
+        self.use_slab_decoding = False
+        self.slab_latent_size = None
+        self.slab_memory_budget = 4.0
+        self.slab_axis = None
 
     @property
     def downsample_factor(self) -> int:
@@ -221,6 +227,41 @@ class VQModel3D(
             raise ValueError(f"`mode` must be one of {BLEND_MODES}, got {mode!r}.")
         self.tile_blend_mode = mode
         self.use_tiling = True
+        self.use_slab_decoding = False
+
+    def enable_slab_decoding(
+        self, slab_latent_size: int | None = None, memory_budget: float = 4.0, axis: int | None = None
+    ) -> None:
+        """Decode exactly in bounded memory: slab by slab along one axis, with whole-volume GroupNorm statistics.
+
+        The result equals the full decode up to float rounding (see [`~VQModel3D.slab_decode`]); peak memory follows
+        `memory_budget` instead of the volume. Switches blended tiling off.
+
+        Args:
+            slab_latent_size: Slab thickness in latent slices (8 output slices each with the 8x model); `None`
+                picks the thickest slab whose working memory fits in half of the budget.
+            memory_budget: GiB that the decoder's activations may take (kept tensors plus slabs in flight; the
+                weights and the latent-resolution blocks are not counted). Tensors that do not fit are recomputed
+                slab by slab, which costs time, never accuracy.
+            axis: Slab axis, 0, 1 or 2 for `D`, `H`, `W`; `None` picks the longest side (the thinnest slabs).
+        """
+        if slab_latent_size is not None and (
+            isinstance(slab_latent_size, bool) or not isinstance(slab_latent_size, int) or slab_latent_size < 1
+        ):
+            raise ValueError(f"`slab_latent_size` must be a positive int or None, got {slab_latent_size!r}.")
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
+            raise ValueError(f"`memory_budget` must be a positive number of GiB, got {memory_budget!r}.")
+        if axis is not None and axis not in (0, 1, 2):
+            raise ValueError(f"`axis` must be 0, 1, 2 (D, H, W) or None, got {axis!r}.")
+        self.slab_latent_size = slab_latent_size
+        self.slab_memory_budget = float(memory_budget)
+        self.slab_axis = axis
+        self.use_slab_decoding = True
+        self.use_tiling = False
+
+    def disable_slab_decoding(self) -> None:
+        """Go back to decoding the whole latent at once (or to blended tiles, if tiling is enabled later)."""
+        self.use_slab_decoding = False
 
     @staticmethod
     def _check_tile_overlap(overlap, tile: tuple[int, int, int]) -> int:
@@ -270,6 +311,8 @@ class VQModel3D(
         return self.decode(codes, force_not_quantize=True, return_dict=return_dict)
 
     def _decode(self, latents: torch.Tensor, force_not_quantize: bool) -> torch.Tensor:
+        if self.use_slab_decoding:
+            return self.slab_decode(latents, force_not_quantize=force_not_quantize)
         if self.use_tiling and any(s > t for s, t in zip(latents.shape[2:], self.tile_latent_size)):
             return self.tiled_decode(latents, force_not_quantize=force_not_quantize)
         return self._decode_block(latents, force_not_quantize)
@@ -278,6 +321,28 @@ class VQModel3D(
         if not force_not_quantize:
             latents = self.quantize.lookup(self.quantize.nearest_indices(latents)).to(latents.dtype)
         return self.decoder(self.post_quant_conv(latents))
+
+    def slab_decode(self, latents: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
+        """Decode `latents` exactly, slab by slab, with the settings of [`~VQModel3D.enable_slab_decoding`].
+
+        Quantisation, the first convolution and the latent-resolution attention run on the whole latent (it is
+        small); the remaining layers run on slabs with halos taken from each convolution's kernel, stride and padding,
+        and every GroupNorm normalises with the statistics of its whole input (float64 sums). Runs without autograd.
+
+        Returns:
+            The `(B, out_channels, f * d, f * h, f * w)` reconstruction, equal to the full decode's.
+        """
+        check_volume_tensor(latents, "latents", channels=self.config.latent_channels)
+        with torch.no_grad():
+            if not force_not_quantize:
+                latents = self.quantize.lookup(self.quantize.nearest_indices(latents)).to(latents.dtype)
+            hidden_states = self.post_quant_conv(latents)
+            del latents
+            axis = None if self.slab_axis is None else self.slab_axis + 2
+            slabs = SlabDecoder(self.decoder, self.slab_latent_size, self.slab_memory_budget * 2**30, axis)
+            sample = slabs(hidden_states)
+        self.slab_plan = slabs.describe()
+        return sample
 
     def tiled_decode(
         self,

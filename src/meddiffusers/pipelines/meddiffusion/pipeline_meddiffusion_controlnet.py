@@ -39,7 +39,7 @@ class MedDiffusionControlNetPipeline(MedDiffusionPipeline):
         controlnet: ControlNet3DModel,
         scheduler,
         regions: list[dict] | None = None,
-        tiled_decode_threshold: int = 32**3,
+        tiled_decode_threshold: int = 16**3,
     ):
         super().__init__(vqvae, unet, scheduler, regions, tiled_decode_threshold)
         self.register_modules(controlnet=controlnet)

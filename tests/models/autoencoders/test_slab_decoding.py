@@ -1,0 +1,211 @@
+"""Exact slab decoding of VQModel3D: equal to the full decode for any slab, axis, side and memory budget; the switch,
+the pipelines' automatic choice, the blended-tiling alternative, and the lean (same-result) inference path."""
+
+import pytest
+import torch
+from torch import nn
+
+from meddiffusers import MedDiffusionDDIMScheduler, MedDiffusionPipeline, VQModel3D
+from meddiffusers.models.autoencoders.slab_decoding import SlabDecoder
+from tests.conftest import FIXTURES
+
+TINY = dict(
+    block_out_channels=(8, 16),
+    latent_channels=4,
+    num_vq_embeddings=32,
+    norm_num_groups=4,
+    attention_heads=2,
+    attention_head_dim=4,
+    patch_size=8,
+)
+STREAM_ALL = 1e-6  # GiB: nothing but the input and the output is kept whole, every layer is recomputed by slabs
+KEEP_ALL = 4.0
+
+
+def tiny_model(seed=0, **overrides) -> VQModel3D:
+    torch.manual_seed(seed)
+    model = VQModel3D(**{**TINY, **overrides}).eval()
+    with torch.no_grad():  # move GroupNorm affines and biases off their defaults so that every term counts
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def middle_budget(model, hidden_shape, slab_latent_size) -> float:
+    """A budget (GiB) halfway between keeping nothing and keeping everything whole."""
+    low, high = (
+        SlabDecoder(model.decoder, slab_latent_size, budget * 2**30, None).plan(hidden_shape)["estimated_peak_gib"]
+        for budget in (STREAM_ALL, KEEP_ALL)
+    )
+    return (low + high) / 2
+
+
+def decode_both(model, latents, **slab_options):
+    with torch.no_grad():
+        full = model.decode(latents).sample
+    model.enable_slab_decoding(**slab_options)
+    try:
+        sliced = model.decode(latents).sample
+    finally:
+        model.disable_slab_decoding()
+    return full, sliced
+
+
+@pytest.mark.parametrize(
+    "latent_shape, slab_latent_size, axis, memory_budget",
+    [
+        ((4, 4, 4), 2, 0, STREAM_ALL),  # cubic, slabs dividing the side
+        ((3, 5, 4), 1, None, STREAM_ALL),  # non-cubic, one latent slice per slab, longest axis (H)
+        ((3, 5, 4), 3, 1, STREAM_ALL),  # odd sides, a slab size that does not divide the side (5 = 3 + 2)
+        ((3, 4, 5), 2, 2, STREAM_ALL),  # slabs along W, the last one shorter
+        ((5, 3, 4), 2, 0, KEEP_ALL),  # a budget that keeps every intermediate whole
+        ((4, 5, 3), None, None, KEEP_ALL),  # automatic slab size and axis
+        ((5, 4, 3), 1, 0, "middle"),  # a budget in between: some tensors kept, the rest recomputed
+    ],
+)
+def test_slab_decode_equals_full_decode(model, latent_shape, slab_latent_size, axis, memory_budget):
+    if memory_budget == "middle":
+        memory_budget = middle_budget(model, (1, 16, *latent_shape), slab_latent_size)
+    latents = torch.randn(1, 4, *latent_shape, generator=torch.Generator().manual_seed(1))
+    full, sliced = decode_both(
+        model, latents, slab_latent_size=slab_latent_size, memory_budget=memory_budget, axis=axis
+    )
+    assert sliced.shape == full.shape == (1, 1, *(4 * side for side in latent_shape))
+    assert full.abs().max() > 0.5
+    torch.testing.assert_close(sliced, full, atol=1e-5, rtol=0)
+
+
+def test_slab_decode_of_a_batch_with_output_size_and_indices(model):
+    latents = torch.randn(2, 4, 3, 4, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model.decode(latents, output_size=(10, 15, 11)).sample
+        indices = model.quantize.nearest_indices(latents)
+        from_indices = model.decode_indices(indices).sample
+    model.enable_slab_decoding(slab_latent_size=2, memory_budget=STREAM_ALL)
+    sliced = model.decode(latents, output_size=(10, 15, 11)).sample
+    sliced_indices = model.decode_indices(indices).sample
+    model.disable_slab_decoding()
+    assert sliced.shape == (2, 1, 10, 15, 11)
+    torch.testing.assert_close(sliced, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sliced_indices, from_indices, atol=1e-5, rtol=0)
+
+
+def test_receptive_field_comes_from_the_modules():
+    # A 5-wide last convolution and a dilated one inside a resnet: the halos must follow their kernels.
+    model = tiny_model(seed=3)
+    torch.manual_seed(3)
+    model.decoder.conv_out = nn.Conv3d(8, 1, kernel_size=5, padding=2)
+    resnet = model.decoder.up_blocks[-1].resnets[0]
+    resnet.conv2 = nn.Conv3d(8, 8, kernel_size=3, padding=2, dilation=2)
+    latents = torch.randn(1, 4, 4, 3, 3, generator=torch.Generator().manual_seed(4))
+    full, sliced = decode_both(model, latents, slab_latent_size=1, memory_budget=STREAM_ALL, axis=0)
+    torch.testing.assert_close(sliced, full, atol=1e-5, rtol=0)
+    decoder = SlabDecoder(model.decoder, 1, STREAM_ALL * 2**30, 2)
+    decoder.plan((1, 16, 4, 3, 3))
+    conv_out = len(decoder.nodes) - 1
+    assert decoder._input_rows(conv_out, 8, 12) == (6, 14)  # kernel 5, padding 2
+    dilated = next(i for i, n in enumerate(decoder.nodes) if n.module is resnet.conv2)
+    assert decoder._input_rows(dilated, 8, 12) == (6, 14)  # kernel 3, dilation 2, padding 2
+    upsample = next(i for i, n in enumerate(decoder.nodes) if n.kind == "conv_transpose")
+    assert decoder._input_rows(upsample, 8, 12) == (3, 7)  # kernel 4, stride 2, padding 1
+
+
+def test_memory_plan_follows_the_budget(model):
+    shape = (1, 16, 6, 6, 6)
+    tight = SlabDecoder(model.decoder, 1, STREAM_ALL * 2**30, None).plan(shape)
+    roomy = SlabDecoder(model.decoder, 1, KEEP_ALL * 2**30, None).plan(shape)
+    budget = middle_budget(model, shape, 1)
+    middle = SlabDecoder(model.decoder, 1, budget * 2**30, None).plan(shape)
+    decoder = SlabDecoder(model.decoder, 1, KEEP_ALL * 2**30, None)
+    decoder.plan(shape)
+    outputs = [i for i, node in enumerate(decoder.nodes) if node.kind != "norm"]
+    assert tight["kept"] == [0, len(decoder.nodes) - 1]
+    assert roomy["kept"] == outputs  # every convolution and residual output
+    assert len(tight["kept"]) < len(middle["kept"]) < len(roomy["kept"])
+    assert middle["estimated_peak_gib"] <= budget < roomy["estimated_peak_gib"]
+    assert tight["slab_latent_size"] == 1 and tight["axis"] == 2
+
+
+def test_enable_disable_round_trip_and_modes_exclude_each_other(model, monkeypatch):
+    assert not model.use_slab_decoding
+    calls = []
+    original = model.slab_decode
+    monkeypatch.setattr(model, "slab_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    latents = torch.randn(1, 4, 3, 3, 3, generator=torch.Generator().manual_seed(5))
+    model.enable_tiling(tile_latent_size=2, tile_latent_overlap=1)
+    model.enable_slab_decoding(slab_latent_size=2, memory_budget=1.5, axis=2)
+    assert model.use_slab_decoding and not model.use_tiling
+    assert (model.slab_latent_size, model.slab_memory_budget, model.slab_axis) == (2, 1.5, 2)
+    model.decode(latents)
+    assert calls == [1] and model.slab_plan["axis"] == 4 and model.slab_plan["slab_latent_size"] == 2
+    model.disable_slab_decoding()
+    with torch.no_grad():
+        full = model.decode(latents).sample
+    assert calls == [1] and not model.use_slab_decoding
+    model.enable_slab_decoding()
+    model.enable_tiling(tile_latent_size=2, tile_latent_overlap=1)
+    assert model.use_tiling and not model.use_slab_decoding
+    with torch.no_grad():
+        tiled = model.decode(latents).sample
+        expected = model.tiled_decode(latents)
+    model.disable_tiling()
+    assert calls == [1]
+    torch.testing.assert_close(tiled, expected)  # the blended tiling is still there, and approximate
+    assert (tiled - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"slab_latent_size": 0},
+        {"slab_latent_size": 2.5},
+        {"slab_latent_size": True},
+        {"memory_budget": 0},
+        {"memory_budget": "4GB"},
+        {"axis": 3},
+    ],
+)
+def test_slab_options_are_checked(options):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=next(iter(options))):
+        model.enable_slab_decoding(**options)
+    assert not model.use_slab_decoding
+
+
+def test_pipeline_decodes_large_latents_by_slabs_and_respects_an_explicit_choice(monkeypatch):
+    vqvae = VQModel3D.from_single_file(FIXTURES / "patchvolume_4x_tiny" / "patchvolume_4x_tiny.ckpt")
+    pipe = MedDiffusionPipeline(vqvae=vqvae, unet=None, scheduler=MedDiffusionDDIMScheduler())
+    seen = []
+    for name in ("slab_decode", "tiled_decode"):
+        original = getattr(vqvae, name)
+        monkeypatch.setattr(vqvae, name, lambda *a, _o=original, _n=name, **k: seen.append(_n) or _o(*a, **k))
+    latents = torch.rand(1, vqvae.config.latent_channels, 4, 6, 5, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    with torch.no_grad():
+        full = vqvae.decode(vqvae.denormalize_latents(latents)).sample
+    pipe.register_to_config(tiled_decode_threshold=4 * 6 * 5)  # not larger than the threshold: full decode
+    assert torch.equal(pipe.decode_latents(latents), full) and seen == []
+    pipe.register_to_config(tiled_decode_threshold=4 * 6 * 5 - 1)  # larger: exact slab decoding, then switched off
+    torch.testing.assert_close(pipe.decode_latents(latents), full, atol=1e-5, rtol=0)
+    assert seen == ["slab_decode"] and not vqvae.use_slab_decoding
+    vqvae.enable_tiling(tile_latent_size=4, tile_latent_overlap=1)  # an explicit choice wins
+    pipe.decode_latents(latents)
+    vqvae.disable_tiling()
+    assert seen == ["slab_decode", "tiled_decode"]
+
+
+def test_lean_inference_path_changes_no_result():
+    # Without autograd, the encoder and decoder free activations early; outputs are bitwise those of the autograd path.
+    model = tiny_model(seed=7)
+    volume = torch.rand(1, 1, 16, 16, 8, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with torch.no_grad():
+        lean_latents = model.encode(volume).latents
+        lean_volume = model.decode(lean_latents).sample
+    latents = model.encode(volume).latents
+    decoded = model.decode(latents.detach()).sample
+    assert latents.requires_grad and decoded.requires_grad
+    assert torch.equal(lean_latents, latents.detach()) and torch.equal(lean_volume, decoded.detach())
