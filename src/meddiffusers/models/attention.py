@@ -25,6 +25,32 @@ class VolumeAttnProcessor:
         return F.scaled_dot_product_attention(query, key, value)
 
 
+class PaddedHeadAttnProcessor:
+    """SDPA with the head dimension zero-padded to a multiple of `multiple` (the default for [`TokenAttention`]).
+
+    PyTorch's CPU flash-attention kernel is much slower for head dimensions that are not a multiple of its vector
+    width: BiFlowNet's DiT heads have 72 / 8 = 9 features, and padding them to 16 nearly halves the attention time.
+    Zero features add nothing to the query-key products, and the padded value features are dropped, so with the
+    scale kept at `head_dim^-0.5` the result is the plain SDPA one to float32 rounding. Head dimensions that are
+    already multiples, and tensors on other devices, are passed through unchanged. [`TokenAttention`] applies the
+    same padding more cheaply, through zero rows of its `to_qkv` projection, when it holds this processor.
+
+    Args:
+        multiple: Pad the head dimension up to a multiple of this.
+    """
+
+    def __init__(self, multiple: int = 16):
+        self.multiple = multiple
+
+    def __call__(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        head_dim = query.shape[-1]
+        pad = -head_dim % self.multiple
+        if pad == 0 or query.device.type != "cpu":
+            return F.scaled_dot_product_attention(query, key, value)
+        query, key, value = (F.pad(t, (0, pad)) for t in (query, key, value))
+        return F.scaled_dot_product_attention(query, key, value, scale=head_dim**-0.5)[..., :head_dim]
+
+
 class VolumeXFormersAttnProcessor:
     """Processor that calls `xformers.ops.memory_efficient_attention` (GPU only, optional dependency)."""
 
@@ -137,7 +163,8 @@ class TokenAttention(AttentionProcessorMixin, nn.Module):
     """Multi-head self-attention over a `(B, L, dim)` token sequence (`to_qkv` with bias, processor, `to_out`).
 
     `to_qkv` gives `dim` features each for queries, keys and values (in that order, heads the outer factor within
-    each); the default processor is PyTorch SDPA.
+    each); the default processor is PyTorch SDPA with the head dimension zero-padded to a multiple of 16
+    ([`PaddedHeadAttnProcessor`], faster on CPU for DiT heads of 9 features).
 
     Args:
         dim: Token width (divisible by `heads`).
@@ -152,12 +179,24 @@ class TokenAttention(AttentionProcessorMixin, nn.Module):
         self.head_dim = dim // heads
         self.to_qkv = nn.Linear(dim, dim * 3)
         self.to_out = nn.Linear(dim, dim)
-        self.processor = VolumeAttnProcessor()
+        self.processor = PaddedHeadAttnProcessor()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, length, dim = tokens.shape
-        qkv = self.to_qkv(tokens).reshape(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = self.processor(self, qkv[0], qkv[1], qkv[2])
+        pad = 0
+        if isinstance(self.processor, PaddedHeadAttnProcessor) and tokens.device.type == "cpu":
+            pad = -self.head_dim % self.processor.multiple
+        if pad == 0:
+            qkv = self.to_qkv(tokens).reshape(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = self.processor(self, qkv[0], qkv[1], qkv[2])
+        else:
+            # Zero rows in the projection give the padded heads directly (no padding copies of q, k and v).
+            weight = F.pad(self.to_qkv.weight.view(3, self.heads, self.head_dim, dim), (0, 0, 0, pad))
+            bias = F.pad(self.to_qkv.bias.view(3, self.heads, self.head_dim), (0, pad))
+            qkv = F.linear(tokens, weight.reshape(-1, dim), bias.reshape(-1))
+            qkv = qkv.reshape(batch, length, 3, self.heads, self.head_dim + pad).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.head_dim**-0.5)
+            out = out[..., : self.head_dim]
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
 

@@ -11,7 +11,7 @@ from ...attention import TokenAttention
 
 def modulate(hidden: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation `x · (1 + scale) + shift`, broadcast over tokens."""
-    return hidden * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], hidden, 1 + scale[:, None])
 
 
 class FeedForward(nn.Module):
@@ -63,8 +63,9 @@ class DiTBlock3D(nn.Module):
         if self.skip_proj is not None:
             tokens = self.skip_proj(torch.cat([tokens, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaln(condition)
-        tokens = tokens + gate_msa[:, None] * self.attention(modulate(self.norm1(tokens), shift_msa, scale_msa))
-        return tokens + gate_mlp[:, None] * self.ff(modulate(self.norm2(tokens), shift_mlp, scale_mlp))
+        attended = self.attention(modulate(self.norm1(tokens), shift_msa, scale_msa))
+        tokens = torch.addcmul(tokens, gate_msa[:, None], attended)
+        return torch.addcmul(tokens, gate_mlp[:, None], self.ff(modulate(self.norm2(tokens), shift_mlp, scale_mlp)))
 
 
 class DiTOutputLayer3D(nn.Module):

@@ -12,7 +12,7 @@ from ....utils.volume_tiling import merge_patches, split_into_patches
 from ...attention import ResidualVolumeAttention
 from ...embeddings import TwoLayerEmbedding, sincos_position_embedding_3d, sinusoidal_timestep_embedding
 from ...normalization import ChannelLayerNorm
-from ...resnet import ConditionedResnetBlock3D
+from ...resnet import ConditionedResnetBlock3D, inference_conv3d
 from ...sampling import downsampling_conv
 from .dit_3d import DiTStage
 from .unet_blocks import UNetLevel3D
@@ -154,7 +154,7 @@ class BiFlowNetEncoderMixin:
             dit_skips.append(tokens)
             features_in.append(self._unpatchify(stage.output(tokens, token_condition), grid))
 
-        hidden = self.conv_in(sample)
+        hidden = inference_conv3d(self.conv_in, sample)
         stem, skips, level_outputs = hidden, [], []
         for index, level in enumerate(self.down_blocks):
             if index < len(features_in):
