@@ -37,6 +37,7 @@ from meddiffusers import (
     UndersampledMRI,
 )
 from meddiffusers.demo import demo_model_path, patch_demo_model_path
+from meddiffusers.evaluation import psnr, ssim_3d
 from meddiffusers.operators import cartesian_mask
 from meddiffusers.training.data import VolumePreprocessor
 from meddiffusers.utils.volume import resample_to_spacing
@@ -48,39 +49,15 @@ CT_FILE, MRI_FILE = "ct_chest_pyradiomics_lung1.nii.gz", "mr_t1_itk_kmeanstest.n
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
-def psnr(estimate: torch.Tensor, truth: torch.Tensor) -> float:
-    """PSNR in dB of `[0, 1]` volumes."""
-    return float(10 * torch.log10(1.0 / ((estimate - truth) ** 2).mean()))
-
-
-def ssim(estimate: torch.Tensor, truth: torch.Tensor, sigma: float = 1.5) -> float:
-    """Mean 3D SSIM of `[0, 1]` volumes `(1, 1, D, H, W)` with a Gaussian window (valid positions only)."""
-    radius = int(3.5 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-
-    def blur(volume):
-        for axis in range(3):
-            shape = [1, 1, 1, 1, 1]
-            shape[2 + axis] = -1
-            volume = F.conv3d(volume, kernel.view(shape))
-        return volume
-
-    x, y = estimate.double(), truth.double()
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
-    covariance = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    index = ((2 * mu_x * mu_y + c1) * (2 * covariance + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(index.mean())
-
-
 def scores(model_space: torch.Tensor, truth: torch.Tensor) -> dict:
-    """PSNR / SSIM of a model-space `[-1, 1]` volume against the model-space truth, both mapped to `[0, 1]`."""
+    """PSNR / SSIM (`meddiffusers.evaluation.psnr` / `ssim_3d`: 11-voxel Gaussian window, sigma 1.5, valid
+    windows) of a model-space `[-1, 1]` volume against the model-space truth, both mapped to `[0, 1]`."""
     estimate = (model_space.float().clamp(-1, 1) + 1) / 2
     reference = (truth.float().clamp(-1, 1) + 1) / 2
-    return {"psnr": round(psnr(estimate, reference), 2), "ssim": round(ssim(estimate, reference), 4)}
+    return {
+        "psnr": round(float(psnr(estimate, reference, data_range=1.0)), 2),
+        "ssim": round(float(ssim_3d(estimate, reference, data_range=1.0)), 4),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- data

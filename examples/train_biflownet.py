@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from meddiffusers import (
     BiFlowNet3DModel,
@@ -27,7 +26,6 @@ from meddiffusers import (
     meddiffusion_cosine_betas,
 )
 from meddiffusers.models.autoencoders import load_vq_model
-from meddiffusers.training.checkpoints import resume_from_checkpoint
 from meddiffusers.training.latents import LatentDataset
 from meddiffusers.training.loop import (
     finish_step,
@@ -35,6 +33,7 @@ from meddiffusers.training.loop import (
     optimization_step,
     resumable_batches,
     save_final_pipeline,
+    start_run,
 )
 from meddiffusers.training.setup import add_training_arguments, build_accelerator, build_lr_scheduler, diffuse
 
@@ -148,16 +147,7 @@ def main(argv=None):
     )
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_biflownet", config={k: str(v) for k, v in vars(args).items()})
-
-    global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
-    )
+    global_step, progress = start_run(accelerator, args, "train_biflownet", ema, logger)
     alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
     loss_fn = F.l1_loss if args.loss_type == "l1" else F.mse_loss
     batches = resumable_batches(

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import DiffusionPipeline
-from tqdm.auto import tqdm
 
 from meddiffusers import (
     ControlNet3DModel,
@@ -47,8 +46,9 @@ from meddiffusers.operators import (
     thick_slice_condition,
     undersampled_mri_condition,
 )
-from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
+from meddiffusers.training.checkpoints import save_checkpoint
 from meddiffusers.training.data import VolumePreprocessor, read_manifest
+from meddiffusers.training.loop import start_run
 from meddiffusers.training.multilevel import resize_image, sample_multilevel_patch
 from meddiffusers.training.setup import build_accelerator, diffuse
 from meddiffusers.utils import center_crop_or_pad
@@ -324,15 +324,12 @@ def main(argv=None):
     for module in task.frozen:
         module.to(accelerator.device)
     alphas = task.base.scheduler.alphas_cumprod.to(accelerator.device)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_controlnet", config={k: str(v) for k, v in vars(args).items()})
 
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
+    global_step, progress = start_run(accelerator, args, "train_controlnet", logger=logger, desc=None)
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     micro_step = global_step * args.gradient_accumulation_steps
-    progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     for epoch in range(first_epoch, math.ceil(args.max_train_steps / steps_per_epoch)):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)

@@ -36,12 +36,10 @@ from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from einops import rearrange
-from tqdm.auto import tqdm
 
 from meddiffusers.models.embeddings import slice_position_embedding
 from meddiffusers.models.unets.unet_gem3d import GEM3DUNetModel
 from meddiffusers.pipelines.gem3d import GEM3D_DDIM_CONFIG, GEM3DVolumePipeline, gem3d_ddim_scheduler
-from meddiffusers.training.checkpoints import resume_from_checkpoint
 from meddiffusers.training.gem3d_data import (
     GEM3DPreprocessor,
     GEM3DVolumes,
@@ -59,6 +57,7 @@ from meddiffusers.training.loop import (
     optimization_step,
     resumable_batches,
     save_final_pipeline,
+    start_run,
 )
 from meddiffusers.training.setup import (
     add_training_arguments,
@@ -428,16 +427,7 @@ def main(argv=None):
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator)
     trained, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
     loader = accelerator.prepare_data_loader(loader, device_placement=False)  # volumes are encoded on the device
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_gem3d", config={k: str(v) for k, v in vars(args).items()})
-
-    global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
-    )
+    global_step, progress = start_run(accelerator, args, "train_gem3d", ema, logger)
     loss = torch.tensor(float("nan"))
     batches = resumable_batches(
         accelerator, loader, global_step, args.gradient_accumulation_steps, args.max_train_steps

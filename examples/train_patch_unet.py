@@ -26,12 +26,10 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from meddiffusers import PatchSlidingWindowPipeline, PatchUNet3DModel
 from meddiffusers.io.regions import RegionRegistry, meddiff_fm_regions
 from meddiffusers.models.unets.unet_patch_3d import ANATOMY_ENCODINGS
-from meddiffusers.training.checkpoints import resume_from_checkpoint
 from meddiffusers.training.data import VolumePreprocessor, read_manifest
 from meddiffusers.training.loop import (
     finish_step,
@@ -39,6 +37,7 @@ from meddiffusers.training.loop import (
     optimization_step,
     resumable_batches,
     save_final_pipeline,
+    start_run,
 )
 from meddiffusers.training.multilevel import DEFAULT_LEVEL_PROBABILITIES, sample_multilevel_patch
 from meddiffusers.training.setup import (
@@ -296,19 +295,11 @@ def main(argv=None):
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     loader = accelerator.prepare_data_loader(loader, device_placement=False)  # whole volumes stay on the CPU
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_patch_unet", config={k: str(v) for k, v in vars(args).items()})
     validation_names = args.validation_regions or [
         regions.resolve(class_id).name for class_id in sorted(set(manifest["class_id"]))
     ]
 
-    global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
-    )
+    global_step, progress = start_run(accelerator, args, "train_patch_unet", ema, logger)
     alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
     loss_fn = F.l1_loss if args.loss_type == "l1" else F.mse_loss
     loss = torch.tensor(float("nan"))

@@ -20,12 +20,12 @@ import os
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from tqdm.auto import tqdm
 
 from meddiffusers import VQModel3D, save_nifti
 from meddiffusers.models.autoencoders import load_vq_model
-from meddiffusers.training.checkpoints import resume_from_checkpoint, save_checkpoint
+from meddiffusers.training.checkpoints import save_checkpoint
 from meddiffusers.training.data import VolumeDataset, VolumePreprocessor, read_manifest
+from meddiffusers.training.loop import start_run
 from meddiffusers.training.setup import build_accelerator
 from meddiffusers.training.vq_losses import (
     PatchDiscriminator3D,
@@ -151,12 +151,9 @@ def main(argv=None):
     )
     if perceptual is not None:
         perceptual.to(accelerator.device)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_vqmodel3d", config={k: str(v) for k, v in vars(args).items()})
-    global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
+    global_step, progress = start_run(accelerator, args, "train_vqmodel3d", logger=logger, desc=None)
 
     model = accelerator.unwrap_model(vqvae)
-    progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     num_epochs = math.ceil(args.max_train_steps / max(len(loader), 1)) + 1
     for _ in range(num_epochs):
         for batch in loader:

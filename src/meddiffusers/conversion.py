@@ -61,6 +61,15 @@ def _split_original_config(path: str | None) -> tuple[dict | None, dict | None]:
     return None, config
 
 
+def _front_matter(tags: list[str], pipeline_tag: str | None = None) -> str:
+    """The YAML header of a converted model card: license, library, `medical-imaging`/`3d` then `tags`, then
+    `diffusion`/`meddiffusers`, and the Hub pipeline tag where given."""
+    lines = ["---", "license: other", "library_name: meddiffusers", "tags:"]
+    lines += [f"- {tag}" for tag in ("medical-imaging", "3d", *tags, "diffusion", "meddiffusers")]
+    lines += [f"pipeline_tag: {pipeline_tag}"] if pipeline_tag else []
+    return "\n".join([*lines, "---", ""])
+
+
 def _model_card(components: list[str], dtype: str, sources: dict[str, str]) -> str:
     usage = (
         "```python\nimport torch\nfrom meddiffusers import MedDiffusionPipeline\n\n"
@@ -74,19 +83,8 @@ def _model_card(components: list[str], dtype: str, sources: dict[str, str]) -> s
     source_lines = "\n".join(
         f"- `{name}/`: converted from `{os.path.basename(path)}`" for name, path in sources.items()
     )
-    return f"""---
-license: other
-library_name: meddiffusers
-tags:
-- medical-imaging
-- 3d
-- ct
-- mri
-- diffusion
-- meddiffusers
-pipeline_tag: unconditional-image-generation
----
-
+    front_matter = _front_matter(["ct", "mri"], "unconditional-image-generation")
+    return f"""{front_matter}
 # 3D MedDiffusion (converted for meddiffusers)
 
 Weights of [3D MedDiffusion](https://arxiv.org/abs/2412.13059) (Wang et al., *A 3D Medical Latent Diffusion Model for
@@ -263,19 +261,8 @@ def _gem3d_model_card(components: list[str], dtype: str, sources: dict[str, str]
         if "slice_unet" in components
         else "mask=mask, informed_slice=(reference, 40), start_slice=40"
     )
-    return f"""---
-license: other
-library_name: meddiffusers
-tags:
-- medical-imaging
-- 3d
-- mri
-- ct
-- segmentation-to-image
-- diffusion
-- meddiffusers
----
-
+    front_matter = _front_matter(["mri", "ct", "segmentation-to-image"])
+    return f"""{front_matter}
 # GEM-3D (converted for meddiffusers)
 
 Weights of [GEM-3D](https://arxiv.org/abs/2403.12852) (Zhu et al., *Generative Enhancement for 3D Medical Images*):

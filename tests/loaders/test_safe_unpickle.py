@@ -47,3 +47,26 @@ def test_missing_truncated_and_foreign_files_get_clear_errors(tmp_path):
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
         load_original_checkpoint(text)
+
+
+def test_legacy_format_is_read_with_the_same_restricted_unpickler(tmp_path):
+    legacy = tmp_path / "legacy.pth"
+    weights = {"state_dict": {"conv.weight": torch.arange(6.0).view(2, 3)}, "args": argparse.Namespace(depth=10)}
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    checkpoint = load_original_checkpoint(legacy)
+    assert torch.equal(checkpoint["state_dict"]["conv.weight"], torch.arange(6.0).view(2, 3))
+    assert checkpoint["args"] == {"depth": 10}
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil_legacy.pth"
+    torch.save({"w": torch.zeros(1), "payload": RunsACommand(marker)}, evil, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="could execute code"):
+        load_original_checkpoint(evil)
+    assert not marker.exists()
+
+    data = legacy.read_bytes()
+    for size in (30, len(data) // 2):
+        truncated = tmp_path / f"truncated_{size}.pth"
+        truncated.write_bytes(data[:size])
+        with pytest.raises(ValueError, match="truncated or corrupted"):
+            load_original_checkpoint(truncated)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import zipfile
 
 import torch
 from torch import nn
@@ -32,10 +30,9 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 def load_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from a local `.safetensors` file or a PyTorch pickle, never executing pickled code.
 
-    Pickles in the zip format of `torch.save` go through [`load_original_checkpoint`] (an allowlist unpickler);
-    older non-zip pickles (PyTorch < 1.6, e.g. the MedicalNet releases of 2019) through
-    `torch.load(weights_only=True)`, PyTorch's restricted unpickler, which only builds tensors and plain containers.
-    A pickle that asks for anything else (a function to call, a class to build) is refused with a `ValueError`.
+    Pickles go through [`load_original_checkpoint`] (PyTorch's restricted unpickler with a small allowlist), in the
+    zip format of `torch.save` or the older non-zip one (PyTorch < 1.6, e.g. the MedicalNet releases of 2019). A
+    pickle that asks for anything else (a function to call, a class to build) is refused with a `ValueError`.
     Checkpoints that wrap the weights (`{"state_dict": ...}`, `{"model": ...}`) are unwrapped.
     """
     from ..loaders import load_original_checkpoint
@@ -51,18 +48,7 @@ def load_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(path)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"Could not read {path!r} as safetensors: {error}") from None
-    if zipfile.is_zipfile(path):
-        checkpoint = load_original_checkpoint(path)
-    else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"Refusing to load {path!r}: its pickle asks for objects other than tensors and plain containers, "
-                f"so loading it could execute code. Details: {' '.join(str(error).split())[:300]}"
-            ) from None
-        except (RuntimeError, EOFError, ValueError) as error:
-            raise ValueError(f"Could not read {path!r} as a PyTorch weight file: {error}") from None
+    checkpoint = load_original_checkpoint(path)  # zip or legacy format, never executing pickled code
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]

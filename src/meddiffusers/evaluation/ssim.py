@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .metrics import _check_volumes, _reduce
+
 #: Scale weights of MS-SSIM (Wang, Simoncelli and Bovik 2003), finest scale first.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -36,12 +38,7 @@ def _filter(volume: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 
 
 def _check(x, y, data_range: float, kernel_size: int, sigma: float) -> None:
-    for name, value in (("x", x), ("y", y)):
-        if not isinstance(value, torch.Tensor) or value.ndim != 5 or value.numel() == 0:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"`{name}` must be a non-empty (B, C, D, H, W) tensor, got {shape}.")
-    if x.shape != y.shape:
-        raise ValueError(f"`x` and `y` must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
+    _check_volumes(x, y)
     if not data_range > 0:
         raise ValueError(f"`data_range` must be positive, got {data_range}.")
     if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
@@ -104,13 +101,7 @@ def ssim_3d(
     window = _gaussian_window(kernel_size, sigma, torch.float64, x.device)
     ssim, _ = _ssim_and_contrast(_as_channels(x), _as_channels(y), window, data_range, k1, k2)
     values = ssim.view(x.shape[0], x.shape[1]).mean(1)
-    return values.mean() if reduction == "mean" else _none_or_error(values, reduction)
-
-
-def _none_or_error(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction != "none":
-        raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
-    return values
+    return _reduce(values, reduction)
 
 
 def ms_ssim_min_size(kernel_size: int = 11, num_scales: int = len(MS_SSIM_WEIGHTS)) -> int:
@@ -174,7 +165,7 @@ def ms_ssim_3d(
             a, b = F.avg_pool3d(a, 2), F.avg_pool3d(b, 2)
     stacked = torch.stack(terms, dim=1).clamp(min=0)  # (B * C, M)
     values = (stacked**weights).prod(dim=1).view(x.shape[0], x.shape[1]).mean(1)
-    return values.mean() if reduction == "mean" else _none_or_error(values, reduction)
+    return _reduce(values, reduction)
 
 
 __all__ = ["MS_SSIM_WEIGHTS", "ms_ssim_3d", "ms_ssim_min_size", "ssim_3d"]

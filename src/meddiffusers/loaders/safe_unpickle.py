@@ -4,7 +4,8 @@ The released 3D MedDiffusion files are pickles that, besides tensors, hold an `a
 omegaconf `DictConfig` (PyTorch-Lightning hyper-parameters). They are read with `torch.load(weights_only=True)`:
 PyTorch's restricted unpickler only builds tensors and plain containers. The few configuration classes those files
 name are mapped to inert stand-ins that record their pickled state and are then turned into plain dicts and lists, so
-neither omegaconf nor the original code is needed, and any other global (such as `os.system`) is refused.
+neither omegaconf nor the original code is needed, and any other global (such as `os.system`) is refused. Files in
+the legacy (pre-1.6, non-zip) `torch.save` format are read by the same restricted unpickler.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import struct
 import zipfile
 from typing import Any
 
@@ -95,7 +97,7 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read an original-format PyTorch / PyTorch-Lightning checkpoint safely.
 
     Args:
-        path: Path to a `.pt`, `.pth` or `.ckpt` file written by `torch.save`.
+        path: Path to a `.pt`, `.pth` or `.ckpt` file written by `torch.save` (zip format, or the legacy format).
 
     Returns:
         The checkpoint as a dict of tensors and plain Python values (configuration objects become dicts).
@@ -109,19 +111,24 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint file not found: {path!r}.")
     if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{path!r} is not a PyTorch checkpoint in the zip format written by `torch.save` (the file is truncated, "
-            "of another kind, or in the legacy format). Re-save it with a current PyTorch or check the download."
-        )
+        with open(path, "rb") as handle:
+            legacy = handle.read(1) == b"\x80"  # a pickle (protocol >= 2), as the legacy format starts
+        if not legacy:
+            raise ValueError(
+                f"{path!r} is not a PyTorch checkpoint written by `torch.save` (neither its zip format nor the legacy "
+                "one: the file is truncated or of another kind). Re-save it with PyTorch or check the download."
+            )
     try:
         with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():  # a damaged pickle, not a refused global
+            raise ValueError(f"Could not read checkpoint {path!r} (truncated or corrupted?): {error}") from None
         raise ValueError(
             f"Refusing to load {path!r}: its pickle asks for objects that are neither tensors nor the plain "
             f"configuration types original checkpoints contain, so loading it could execute code. Details: {error}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, struct.error) as error:
         raise ValueError(f"Could not read checkpoint {path!r} (truncated or corrupted?): {error}") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"Expected {path!r} to hold a dict of weights, found {type(checkpoint).__name__}.")

@@ -22,6 +22,32 @@ from ..utils.volume import pad_to_multiple, pad_to_size, resample_to_spacing
 logger = logging.get_logger(__name__)
 
 
+def read_manifest_rows(path: str | os.PathLike, entry: str = "{'image': ..., 'region': ...}") -> tuple[list, str]:
+    """The raw rows of a JSON (list of objects) or CSV manifest and the folder its relative paths are resolved
+    against. A missing file raises `FileNotFoundError`, an empty or non-list manifest a `ValueError` that shows
+    `entry`, the expected shape of one entry."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Manifest not found: {path!r}.")
+    if path.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        with open(path, encoding="utf-8") as handle:
+            rows = json.load(handle)
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"Manifest {path!r} must be a non-empty list of {entry} entries.")
+    return rows, os.path.dirname(os.path.abspath(path))
+
+
+def resolve_manifest_path(root: str, file: str | None) -> str | None:
+    """`file` of a manifest entry as a path: relative ones are taken from the manifest's folder `root`; an empty
+    entry stays `None`."""
+    if not file:
+        return None
+    return file if os.path.isabs(file) else os.path.join(root, file)
+
+
 def read_manifest(path: str | os.PathLike, regions: RegionRegistry | None = None):
     """Read a manifest of volumes into a `datasets.Dataset` with columns `image`, `region`, `class_id`, `mask`,
     `condition`, `anatomy`.
@@ -35,28 +61,15 @@ def read_manifest(path: str | os.PathLike, regions: RegionRegistry | None = None
     import datasets
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Manifest not found: {path!r}.")
-    if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        with open(path, encoding="utf-8") as handle:
-            rows = json.load(handle)
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"Manifest {path!r} must be a non-empty list of {{'image': ..., 'region': ...}} entries.")
-    root = os.path.dirname(os.path.abspath(path))
+    rows, root = read_manifest_rows(path)
     problems, records = [], []
     for index, row in enumerate(rows):
-        image = row.get("image")
-        if not image:
+        image = resolve_manifest_path(root, row.get("image"))
+        if image is None:
             problems.append(f"entry {index}: no 'image'")
             continue
-        image = image if os.path.isabs(image) else os.path.join(root, image)
-        mask, condition, anatomy = (row.get(key) or None for key in ("mask", "condition", "anatomy"))
         mask, condition, anatomy = (
-            file if file is None or os.path.isabs(file) else os.path.join(root, file)
-            for file in (mask, condition, anatomy)
+            resolve_manifest_path(root, row.get(key)) for key in ("mask", "condition", "anatomy")
         )
         for file in filter(None, (image, mask, condition, anatomy)):
             if not os.path.isfile(file):

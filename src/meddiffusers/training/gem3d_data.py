@@ -20,33 +20,27 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..pipelines.gem3d.mask_processing import check_label_mask, resize_slices, scale_intensities, scale_labels
-from .data import VolumePreprocessor
+from .data import VolumePreprocessor, read_manifest_rows, resolve_manifest_path
 
 CACHE_INFO = "gem3d_cache.json"
 
 
 def read_labelled_manifest(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON manifest `[{"image": path, "label": path}, ...]` (paths relative to the manifest's folder).
+    """Read a manifest `[{"image": path, "label": path}, ...]` (JSON, or CSV with those columns; paths relative to
+    the manifest's folder), with [`~training.data.read_manifest_rows`].
 
     Returns the entries with absolute paths; every missing key or file is reported in one `ValueError`.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Manifest not found: {path!r}.")
-    with open(path, encoding="utf-8") as handle:
-        rows = json.load(handle)
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"Manifest {path!r} must be a non-empty JSON list of {{'image': ..., 'label': ...}}.")
-    root = os.path.dirname(os.path.abspath(path))
+    rows, root = read_manifest_rows(path, "{'image': ..., 'label': ...}")
     entries, problems = [], []
     for index, row in enumerate(rows):
         entry = {}
         for key in ("image", "label"):
-            file = row.get(key) if isinstance(row, dict) else None
-            if not file:
+            file = resolve_manifest_path(root, row.get(key) if isinstance(row, dict) else None)
+            if file is None:
                 problems.append(f"entry {index}: no {key!r}")
                 continue
-            file = file if os.path.isabs(file) else os.path.join(root, file)
             if not os.path.isfile(file):
                 problems.append(f"entry {index}: file not found {file!r}")
             entry[key] = file

@@ -1,5 +1,6 @@
-"""Pieces of the training loop the Accelerate scripts share: resumable batches, one optimisation step, what follows
-it (EMA, logging, checkpoints), a copy of the model with its EMA weights, and the final save."""
+"""Pieces of the training loop the Accelerate scripts share: the start of a run (EMA, trackers, resume, progress
+bar), resumable batches, one optimisation step, what follows it (EMA, logging, checkpoints), a copy of the model
+with its EMA weights, and the final save."""
 
 from __future__ import annotations
 
@@ -7,8 +8,26 @@ import math
 import os
 
 import torch
+from tqdm.auto import tqdm
 
-from .checkpoints import save_checkpoint
+from .checkpoints import resume_from_checkpoint, save_checkpoint
+
+
+def start_run(accelerator, args, project_name: str, ema=None, logger=None, desc: str | None = "steps"):
+    """Begin (or resume) a run after `accelerator.prepare`: move the `EMAModel` `ema` to the device and register it
+    for checkpointing, start the trackers as `project_name` with `args` as their config (main process), resume from
+    `args.resume_from_checkpoint` in `args.output_dir`, and open the progress bar over `args.max_train_steps`.
+    Returns `(global_step, progress)`, `global_step` the resumed step (0 for a new run)."""
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project_name, config={k: str(v) for k, v in vars(args).items()})
+    global_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc=desc
+    )
+    return global_step, progress
 
 
 def resumable_batches(accelerator, loader, start_step: int, gradient_accumulation_steps: int, max_train_steps: int):
