@@ -86,6 +86,24 @@ class VolumePipelineOutput(BaseOutput):
         return paths
 
 
+def decode_normalized_latents(vqvae, latents: torch.Tensor, large_decode_threshold: int) -> torch.Tensor:
+    """Normalised diffusion latents → volumes with a [`VQModel3D`]: denormalise, quantise, decode.
+
+    Latents with more than `large_decode_threshold` voxels are decoded exactly slab by slab in bounded memory with
+    the autoencoder's slab settings; smaller ones in full. A decode mode chosen on the autoencoder (blended tiles or
+    slab decoding enabled) is used as it is.
+    """
+    latents = vqvae.denormalize_latents(latents.to(vqvae.dtype))
+    large = latents.shape[2:].numel() > large_decode_threshold
+    if vqvae.use_tiling or vqvae.use_slab_decoding or not large:
+        return vqvae.decode(latents).sample
+    vqvae.enable_slab_decoding(vqvae.slab_latent_size, vqvae.slab_memory_budget, vqvae.slab_axis)
+    try:
+        return vqvae.decode(latents).sample
+    finally:
+        vqvae.disable_slab_decoding()
+
+
 def scale_model_input(scheduler, sample: torch.Tensor, timestep) -> torch.Tensor:
     """The scheduler's input scaling where it has one (Euler-type schedulers divide by a sigma term)."""
     if hasattr(scheduler, "scale_model_input"):

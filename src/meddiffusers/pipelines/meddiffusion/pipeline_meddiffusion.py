@@ -11,7 +11,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from ...io.nifti import affine_from_tensor_spacing
 from ...io.regions import Region, RegionRegistry, meddiffusion_regions
 from ...models import VQModel3D
-from ..pipeline_utils_3d import VolumePipeline, scale_model_input
+from ..pipeline_utils_3d import VolumePipeline, decode_normalized_latents, scale_model_input
 from .pipeline_output import MedDiffusionPipelineOutput
 
 
@@ -108,18 +108,9 @@ class MedDiffusionPipeline(VolumePipeline):
         return np.stack([affine_from_tensor_spacing(spacing) for spacing in spacings])
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised diffusion latents → volumes: denormalise to the codebook range, quantise, decode."""
-        latents = self.vqvae.denormalize_latents(latents.to(self.vqvae.dtype))
-        vqvae = self.vqvae
-        large = latents.shape[2:].numel() > self.config.tiled_decode_threshold
-        if vqvae.use_tiling or vqvae.use_slab_decoding or not large:
-            return vqvae.decode(latents).sample  # full decode, or the mode the user chose
-        # Large latents: exact slab decoding in bounded memory (`vqvae.enable_tiling()` chooses blended tiles).
-        vqvae.enable_slab_decoding(vqvae.slab_latent_size, vqvae.slab_memory_budget, vqvae.slab_axis)
-        try:
-            return vqvae.decode(latents).sample
-        finally:
-            vqvae.disable_slab_decoding()
+        """Normalised diffusion latents → volumes: denormalise to the codebook range, quantise, decode (exactly slab by
+        slab above `tiled_decode_threshold` latent voxels, `vqvae.enable_tiling()` for blended tiles)."""
+        return decode_normalized_latents(self.vqvae, latents, self.config.tiled_decode_threshold)
 
     def package_output(self, latents, regions: list[Region], volume_size, output_type: str, return_dict: bool):
         """Decode the final latents (unless `output_type="latent"`) and return them with affines and region names."""

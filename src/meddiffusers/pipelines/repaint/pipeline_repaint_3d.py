@@ -28,7 +28,12 @@ from ...schedulers.scheduling_repaint_ddpm import RePaintDDPMScheduler
 from ...utils.sliding_window import BLEND_MODES, window_locations
 from ...utils.validation import as_triple, check_volume_tensor
 from ..meddiff_fm.pipeline_patch_sliding_window import predict_windowed_noise
-from ..pipeline_utils_3d import VolumePipeline, VolumePipelineOutput, thresholding_without_quantiles
+from ..pipeline_utils_3d import (
+    VolumePipeline,
+    VolumePipelineOutput,
+    decode_normalized_latents,
+    thresholding_without_quantiles,
+)
 from .anatomy import prepare_anatomy
 
 logger = logging.get_logger(__name__)
@@ -73,7 +78,7 @@ class RePaint3DPipeline(VolumePipeline):
         regions (`list[dict]`, optional): Region names, class ids, spacings and HU windows; MedDiff-FM's for a
             [`PatchUNet3DModel`], MedDiffusion's with a `vqvae`, none otherwise.
         window_size (`int` or three ints): Window of a [`PatchUNet3DModel`] when a call gives none.
-        tiled_decode_threshold (`int`): Latents with more voxels are decoded in overlapping tiles.
+        tiled_decode_threshold (`int`): Latents with more voxels are decoded exactly slab by slab (bounded memory).
     """
 
     model_cpu_offload_seq = "vqvae->unet"
@@ -87,7 +92,7 @@ class RePaint3DPipeline(VolumePipeline):
         vqvae: VQModel3D | None = None,
         regions: list[dict] | None = None,
         window_size: int | Sequence[int] = 128,
-        tiled_decode_threshold: int = 32**3,
+        tiled_decode_threshold: int = 16**3,
     ):
         super().__init__()
         if not isinstance(scheduler, DDPMScheduler):
@@ -235,14 +240,8 @@ class RePaint3DPipeline(VolumePipeline):
     # ------------------------------------------------------------------------------------------------ outputs
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised diffusion latents → volumes (denormalise, quantise, decode; tiled above the threshold)."""
-        latents = self.vqvae.denormalize_latents(latents.to(self.vqvae.dtype))
-        was_tiling = self.vqvae.use_tiling
-        self.vqvae.use_tiling = was_tiling or latents.shape[2:].numel() > self.config.tiled_decode_threshold
-        try:
-            return self.vqvae.decode(latents).sample
-        finally:
-            self.vqvae.use_tiling = was_tiling
+        """Normalised diffusion latents → volumes (denormalise, quantise, decode; exact slabs above the threshold)."""
+        return decode_normalized_latents(self.vqvae, latents, self.config.tiled_decode_threshold)
 
     def output_affines(self, regions: list[Region], affine, batch: int, output_type: str) -> np.ndarray:
         """`(B, 4, 4)` affines: the given one(s), else each region's spacing, else 1 mm voxels."""
