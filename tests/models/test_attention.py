@@ -14,7 +14,7 @@ from meddiffusers import (
     VolumeAttnProcessor,
     VQModel3D,
 )
-from meddiffusers.models.attention import TokenAttention
+from meddiffusers.models.attention import PaddedHeadAttnProcessor, TokenAttention
 from meddiffusers.models.normalization import ChannelLayerNorm
 
 
@@ -86,7 +86,10 @@ def test_diffusers_xformers_switch_reaches_every_attention_layer(model):
     assert all(
         isinstance(m.get_processor(), VolumeAttnProcessor) for m in model.modules() if isinstance(m, VolumeAttention)
     )
-    assert all(isinstance(p, VolumeAttnProcessor) for p in model.attn_processors.values())
+    assert all(
+        isinstance(p, PaddedHeadAttnProcessor if "dit_" in name else VolumeAttnProcessor)
+        for name, p in model.attn_processors.items()
+    )
 
 
 def reference_token_attention(attn, tokens):
@@ -191,3 +194,11 @@ def test_one_processor_reaches_voxel_and_token_attention_and_sdpa_restores_the_o
     with torch.no_grad():
         plain = model(sample, timestep, labels).sample
     torch.testing.assert_close(plain, before, atol=1e-5, rtol=0)
+
+
+def test_switching_xformers_off_returns_each_layer_to_its_own_default_processor():
+    model = BiFlowNet3DModel(**TINY_BIFLOWNET).eval()
+    defaults = {name: type(processor) for name, processor in model.attn_processors.items()}
+    assert set(defaults.values()) == {VolumeAttnProcessor, PaddedHeadAttnProcessor}
+    model.disable_xformers_memory_efficient_attention()
+    assert {name: type(processor) for name, processor in model.attn_processors.items()} == defaults

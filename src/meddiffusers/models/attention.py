@@ -71,7 +71,12 @@ class VolumeXFormersAttnProcessor:
 
 
 class AttentionProcessorMixin:
-    """`get_processor`, `set_processor` and the xformers switch of an attention layer holding `self.processor`."""
+    """`get_processor`, `set_processor` and the xformers switch of an attention layer holding `self.processor`.
+
+    `default_processor_class` is the processor a layer starts with and returns to when xformers is switched off.
+    """
+
+    default_processor_class = VolumeAttnProcessor
 
     def get_processor(self):
         """Return the attention processor in use."""
@@ -86,7 +91,7 @@ class AttentionProcessorMixin:
     ):
         """Switch to xformers' memory-efficient attention; called by `enable_xformers_memory_efficient_attention()`."""
         if not use_memory_efficient_attention_xformers:
-            self.set_processor(VolumeAttnProcessor())
+            self.set_processor(self.default_processor_class())
             return
         if not is_xformers_available():
             raise ModuleNotFoundError(
@@ -122,7 +127,7 @@ class VolumeAttention(AttentionProcessorMixin, nn.Module):
         inner_dim = heads * head_dim
         self.to_qkv = nn.Linear(channels, inner_dim * 3, bias=False)
         self.to_out = nn.Conv3d(inner_dim, channels, kernel_size=1)
-        self.processor = VolumeAttnProcessor()
+        self.processor = self.default_processor_class()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, _, depth, height, width = hidden_states.shape
@@ -171,6 +176,8 @@ class TokenAttention(AttentionProcessorMixin, nn.Module):
         heads: Number of attention heads.
     """
 
+    default_processor_class = PaddedHeadAttnProcessor
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         if dim % heads:
@@ -179,7 +186,7 @@ class TokenAttention(AttentionProcessorMixin, nn.Module):
         self.head_dim = dim // heads
         self.to_qkv = nn.Linear(dim, dim * 3)
         self.to_out = nn.Linear(dim, dim)
-        self.processor = PaddedHeadAttnProcessor()
+        self.processor = self.default_processor_class()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, length, dim = tokens.shape
