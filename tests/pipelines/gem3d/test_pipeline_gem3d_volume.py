@@ -211,6 +211,35 @@ def test_any_scheduler_with_matched_anchors_recovers_the_oracle_volume(scheduler
     torch.testing.assert_close(out, target, atol=2e-3, rtol=0)
 
 
+def test_step_callback_sees_every_step_of_every_window_and_can_replace_the_latents():
+    pipe, target, mask_latents = oracle_pipeline(gem3d_ddim_scheduler(**CLEAN_DDIM), num_slices=20)
+    seen = []
+
+    def callback(pipeline, step, timestep, kwargs):
+        seen.append((step, int(timestep), tuple(kwargs["latents"].shape)))
+        return {"latents": torch.zeros_like(kwargs["latents"])} if step == 4 else {}  # the first window's last step
+
+    arguments = dict(mask_latents=mask_latents, informed_latents=torch.zeros(1, 4, 8, 8), start_slice=10)
+    out = pipe(**arguments, num_inference_steps=5, generator=torch.Generator().manual_seed(1), output_type="latent")
+    hooked = pipe(
+        **arguments,
+        num_inference_steps=5,
+        generator=torch.Generator().manual_seed(1),
+        output_type="latent",
+        callback_on_step_end=callback,
+    )
+    windows = plan_windows(20, 10, 16, 1, "exact")
+    assert [step for step, _, _ in seen] == list(range(5 * len(windows)))
+    assert [t for _, t, _ in seen[:5]] == [int(t) for t in pipe.scheduler.timesteps]
+    assert {shape for _, _, shape in seen} == {(1, 4, 16, 8, 8)}
+    first = windows[0]
+    start, stop, _ = first.writes
+    assert hooked.volumes[:, :, start:stop].abs().max() == 0  # the replaced window was written back as zeros
+    assert not torch.equal(hooked.volumes, out.volumes)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(**arguments, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
+
+
 def test_reference_anchor_noise_leaves_the_original_residual_noise_on_the_anchor():
     scheduler = gem3d_ddim_scheduler(**CLEAN_DDIM)
     pipe, target, mask_latents = oracle_pipeline(scheduler, num_slices=31)

@@ -14,11 +14,14 @@ random position (`ig`), or from the target volume itself (`test`). See `docs/sou
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, ModelMixin, SchedulerMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...io.nifti import NiftiVolume, nifti_image_to_tensor, save_nifti, tensor_to_nifti_image
@@ -296,6 +299,7 @@ class GEM3DVolumePipeline(VolumePipeline):
         generator=None,
         original_step_count: bool = False,
         progress_bar=None,
+        step_callback: Callable | None = None,
     ) -> torch.Tensor:
         """One window's denoising run, anchored on `anchor_frames` if an anchor is given.
 
@@ -307,6 +311,7 @@ class GEM3DVolumePipeline(VolumePipeline):
             condition: `(B, 8, F, h, w)` = `[mask latents | informed latent repeated over the frames]`.
             anchor: `(B, 4, n, h, w)` latents the frames `anchor_frames = (first, first + n)` are pinned to.
             anchor_noise: `"reference"` or `"matched"` (see `__call__`).
+            step_callback: `step_callback(step, timestep, latents) -> latents`, called after every step.
 
         Returns:
             The `(B, 4, F, h, w)` sampled window.
@@ -335,9 +340,16 @@ class GEM3DVolumePipeline(VolumePipeline):
                 if anchor_noise == "reference" or i < len(timesteps) - 1:
                     noise = self._draw_frames(batch, anchor.shape[2], size, generator, device, dtype)
                 latents[:, :, anchored] = self._noised_anchor(anchor, noise, anchor_noise, i + 1, timesteps)
+            if step_callback is not None:
+                latents = step_callback(i, t, latents)
             if progress_bar is not None:
                 progress_bar.update()
         return latents
+
+    def _run_callback(self, callback, tensor_inputs, first_step: int, step: int, timestep, latents) -> torch.Tensor:
+        """Hand a window's `latents` to the user's step callback; it may return replacements."""
+        outputs = callback(self, first_step + step, timestep, {name: latents for name in tensor_inputs})
+        return outputs.pop("latents", latents)
 
     def check_inputs(
         self,
@@ -403,6 +415,8 @@ class GEM3DVolumePipeline(VolumePipeline):
         resolution: int | None = None,
         output_resolution: str = "mask",
         original_step_count: bool = False,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> GEM3DVolumePipelineOutput | tuple:
         r"""Generate volumes for the given masks.
 
@@ -433,6 +447,9 @@ class GEM3DVolumePipeline(VolumePipeline):
                 model's grid, with the affine adjusted.
             original_step_count: Visit the original's DDIM timesteps for `num_inference_steps` (more steps when it
                 does not divide 1000; see [`~pipelines.gem3d.scheduling`]).
+            callback_on_step_end: Called after every step of every window as `callback(pipe, step, timestep,
+                kwargs)`, `step` counting over all windows; may return a dict replacing the window's `latents`.
+            callback_on_step_end_tensor_inputs: Tensors handed to the callback (`["latents"]`, the window's).
         """
         max_label = self.config.max_label if max_label is None else max_label
         anchor_noise = anchor_noise or ("reference" if geometry == "reference" else "matched")
@@ -449,6 +466,7 @@ class GEM3DVolumePipeline(VolumePipeline):
             output_resolution,
             max_label,
         )
+        tensor_inputs = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device, dtype = self._execution_device, self.unet.dtype
         resolution = resolution or self.config.resolution or 64 * self.vae_scale_factor
         size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
@@ -507,8 +525,13 @@ class GEM3DVolumePipeline(VolumePipeline):
         self._num_timesteps = len(timesteps)
 
         # 3. The windows, in the original's order; each is one anchored denoising run.
+        step_callback = None
         with self.progress_bar(total=len(windows) * len(timesteps)) as progress_bar:
-            for window in windows:
+            for window_number, window in enumerate(windows):
+                if callback_on_step_end is not None:
+                    first_step = window_number * len(timesteps)
+                    step_callback = partial(self._run_callback, callback_on_step_end, tensor_inputs, first_step)
+
                 frames = slice(window.start, window.stop)
                 if model_masks is not None:
                     condition = self.encode_mask_window(model_masks[:, :, frames], generator, dtype)
@@ -538,6 +561,7 @@ class GEM3DVolumePipeline(VolumePipeline):
                     generator=generator,
                     original_step_count=original_step_count,
                     progress_bar=progress_bar,
+                    step_callback=step_callback,
                 )
                 samples[window.index] = latents
                 slice_start, slice_stop, frame_start = window.writes
