@@ -313,19 +313,6 @@ def write_atomically(tensor, path: str, affine, header) -> None:
 # ---------------------------------------------------------------------------------------------------- run
 
 
-def _from_pipe(pipeline_class, source, **kwargs):
-    """`pipeline_class.from_pipe(source, ...)` without diffusers' float32-modules warning: `from_pipe` calls
-    `.to(dtype=None)`, which logs it for every model although nothing is cast."""
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        return pipeline_class.from_pipe(source, **kwargs)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-
-
 def _load_pipeline(kind: str, model: str, method: str):
     from .pipelines import DiffPIRPipeline, MedDiffusionPipeline, PatchSlidingWindowPipeline, RePaint3DPipeline
     from .schedulers import RePaintDDPMScheduler
@@ -333,12 +320,12 @@ def _load_pipeline(kind: str, model: str, method: str):
     patch = kind == "PatchSlidingWindowPipeline"
     source = (PatchSlidingWindowPipeline if patch else MedDiffusionPipeline).from_pretrained(model)
     if method == "diffpir":
-        return _from_pipe(DiffPIRPipeline, source)
+        return DiffPIRPipeline.from_pipe(source)
     # RePaint's respacing is guided-diffusion's (linspace); its clipping is a plain clip, not thresholding.
     scheduler = RePaintDDPMScheduler.from_config(
         source.scheduler.config, timestep_spacing="linspace", thresholding=False
     )
-    return _from_pipe(RePaint3DPipeline, source, scheduler=scheduler)
+    return RePaint3DPipeline.from_pipe(source, scheduler=scheduler)
 
 
 def restore(args: argparse.Namespace) -> int:

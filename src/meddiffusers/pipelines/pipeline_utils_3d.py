@@ -7,6 +7,7 @@ these pieces for the parts that are the same everywhere.
 from __future__ import annotations
 
 import inspect
+import logging as std_logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -104,6 +105,11 @@ def decode_normalized_latents(vqvae, latents: torch.Tensor, large_decode_thresho
         vqvae.disable_slab_decoding()
 
 
+def _no_spurious_cast_warning(record) -> bool:
+    """A logging filter dropping diffusers' "modules that should be kept in float32" warning."""
+    return "should be kept in float32" not in record.getMessage()
+
+
 def scale_model_input(scheduler, sample: torch.Tensor, timestep) -> torch.Tensor:
     """The scheduler's input scaling where it has one (Euler-type schedulers divide by a sigma term)."""
     if hasattr(scheduler, "scale_model_input"):
@@ -159,6 +165,17 @@ class VolumePipeline(DiffusionPipeline):
     """
 
     _callback_tensor_inputs = ["latents"]
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe` (reuse another pipeline's components), without the float32-modules warning it logs
+        for every model: it calls `.to(dtype=None)`, which casts nothing."""
+        model_logger = std_logging.getLogger("diffusers.models.modeling_utils")
+        model_logger.addFilter(_no_spurious_cast_warning)
+        try:
+            return super().from_pipe(pipeline, **kwargs)
+        finally:
+            model_logger.removeFilter(_no_spurious_cast_warning)
 
     @property
     def num_timesteps(self) -> int:
