@@ -115,6 +115,39 @@ def test_receptive_field_comes_from_the_modules():
     assert decoder._input_rows(upsample, 8, 12) == (3, 7)  # kernel 4, stride 2, padding 1
 
 
+def test_each_intermediate_row_is_computed_once_per_pass(model, monkeypatch):
+    # Neighbouring slabs share halo rows; they are handed from one slab to the next instead of being recomputed.
+    computed, passes = [], []
+    original_apply, original_stream = SlabDecoder._apply, SlabDecoder._stream
+
+    def apply(self, index, start, stop, *args):
+        computed.append((len(passes) - 1, index, start, stop))
+        return original_apply(self, index, start, stop, *args)
+
+    def stream(self, target, store, available):
+        passes.append(target)
+        yield from original_stream(self, target, store, available)
+
+    monkeypatch.setattr(SlabDecoder, "_apply", apply)
+    monkeypatch.setattr(SlabDecoder, "_stream", stream)
+    latents = torch.randn(1, 4, 6, 3, 4, generator=torch.Generator().manual_seed(9))
+    full, sliced = decode_both(model, latents, slab_latent_size=1, memory_budget=STREAM_ALL, axis=0)
+    torch.testing.assert_close(sliced, full, atol=1e-5, rtol=0)
+    decoder = SlabDecoder(model.decoder, 1, STREAM_ALL * 2**30, 2)
+    decoder.plan((1, 16, 6, 3, 4))
+    assert len(passes) > 1
+    for number, target in enumerate(passes):
+        done = sorted((index, start, stop) for n, index, start, stop in computed if n == number)
+        nodes = {index for index, _, _ in done}
+        assert target in nodes or target == 0
+        for index in nodes:
+            spans = [(start, stop) for i, start, stop in done if i == index]
+            covered = sum(stop - start for start, stop in spans)
+            rows = set().union(*(range(start, stop) for start, stop in spans))
+            assert covered == len(rows), f"pass {number}: rows of node {index} computed twice"
+            assert len(rows) <= decoder._length(index)
+
+
 def test_memory_plan_follows_the_budget(model):
     shape = (1, 16, 6, 6, 6)
     tight = SlabDecoder(model.decoder, 1, STREAM_ALL * 2**30, None).plan(shape)

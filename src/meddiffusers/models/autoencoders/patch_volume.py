@@ -112,8 +112,13 @@ class _BlockStack(nn.Module):
         return self.conv_out(F.silu(self.norm_out(hidden_states)))
 
     def _inference_forward(self, sample: torch.Tensor) -> torch.Tensor:
-        holder = [self.conv_in(sample)]
-        for block in self.ordered_blocks():
+        return self.inference_tail(self.conv_in(sample), self.ordered_blocks())
+
+    def inference_tail(self, hidden_states: torch.Tensor, blocks: list[nn.Module]) -> torch.Tensor:
+        """The lean inference loop over `blocks` (the last of `ordered_blocks`), then the output layers."""
+        holder = [hidden_states]
+        del hidden_states
+        for block in blocks:
             layers = [block] if _has_hooks(block) else _inference_layers(block)
             for layer in layers:
                 if isinstance(layer, ResnetBlock3D) and not _has_hooks(layer):

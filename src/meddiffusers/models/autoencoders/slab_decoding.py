@@ -8,8 +8,10 @@ convolutions, normalisations and residual additions. That graph is then evaluate
 
 * each node's input rows for a slab of output rows follow from its convolution's kernel, stride, padding and
   dilation (the receptive field comes from the modules, nothing is hard-coded);
-* each GroupNorm gets the statistics of its *whole* input, streamed slab by slab into float64 sums and sums of
-  squares, before any slab that needs it is evaluated;
+* each GroupNorm gets the statistics of its *whole* input, streamed slab by slab (per-slab means and variances
+  merged in float64), before any slab that needs it is evaluated;
+* within one pass the slabs come in order and hand on the halo rows the next slab needs, so no row of a pass is
+  computed twice;
 * a tensor is kept whole ("materialised") only where a memory plan allows it; the others are recomputed slab by slab
   from the nearest kept tensors when they are needed. With a large budget nothing is recomputed and the cost is that
   of the full decode; with a small one the high-resolution levels are recomputed once per GroupNorm that follows them.
@@ -157,13 +159,20 @@ class SlabDecoder:
             return s * start - p, s * (stop - 1) - p + d * (k - 1) + 1
         return -((d * (k - 1) - start - p) // s), (stop - 1 + p) // s + 1
 
-    def _required_rows(self, target: int, start: int, stop: int, available) -> dict[int, tuple[int, int]]:
-        """Rows of every node needed to compute `target` rows `[start, stop)` from the `available` (kept) nodes."""
+    def _required_rows(self, target: int, start: int, stop: int, available, cache=None) -> dict[int, tuple[int, int]]:
+        """Rows of every node needed to compute `target` rows `[start, stop)` from the `available` (kept) nodes.
+
+        With `cache` (the rows each node kept from the previous slab of the same pass, see `_evaluate`), only the rows
+        beyond the cached ones are computed, so only their inputs are required.
+        """
         rows = {target: (start, stop)}
         for index in range(target, -1, -1):
             if index not in rows or index in available:
                 continue
-            lo, hi = self._input_rows(index, *rows[index])
+            fresh = self._fresh_rows(index, *rows[index], cache)
+            if fresh[0] == fresh[1]:
+                continue
+            lo, hi = self._input_rows(index, *fresh)
             for source in self.nodes[index].inputs:
                 lo_c, hi_c = max(lo, 0), min(hi, self._length(source))
                 if source in rows:
@@ -171,27 +180,52 @@ class SlabDecoder:
                 rows[source] = (lo_c, hi_c)
         return rows
 
+    def _fresh_rows(self, index: int, start: int, stop: int, cache) -> tuple[int, int]:
+        """The part of a node's rows `[start, stop)` that its rows cached from the previous slab do not hold."""
+        if cache and index in cache:
+            cached_start, cached = cache[index]
+            cached_stop = cached_start + cached.shape[self.axis]
+            if cached_start <= start < cached_stop:
+                return min(cached_stop, stop), stop
+        return start, stop
+
     def _bytes(self, index: int, rows: int) -> int:
         shape = self.nodes[index].shape
         return shape[0] * shape[1] * rows * math.prod(shape[2:]) // shape[self.axis] * self.element_size
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
-    def _evaluate(self, target: int, start: int, stop: int, store: dict | None, available) -> torch.Tensor | int:
-        """Rows `[start, stop)` of node `target`, or with `store=None` the bytes that evaluating them peaks at."""
+    def _evaluate(
+        self, target: int, start: int, stop: int, store: dict | None, available, cache=None
+    ) -> torch.Tensor | int:
+        """Rows `[start, stop)` of node `target`, or with `store=None` the bytes that evaluating them peaks at.
+
+        Slabs of one pass come in increasing order, and neighbouring slabs need some of the same rows of the
+        intermediate nodes (the halos). With a `cache` dict, each node keeps there the rows that the next slab can
+        still use (see `_tail_starts`), so every row of a pass is computed once.
+        """
         if target in available:
             return store[target].narrow(self.axis, start, stop - start) if store is not None else 0
-        rows = self._required_rows(target, start, stop, available)
-        pending = {i: sum(1 for c in self.consumers[i] if c in rows) for i in rows}
+        rows = self._required_rows(target, start, stop, available, cache)
+        fresh = {i: self._fresh_rows(i, *rows[i], cache) for i in rows if i not in available}
+        reads = {i for i, (lo, hi) in fresh.items() if lo < hi}
+        pending = {i: sum(1 for c in self.consumers[i] if c in reads) for i in rows}
         values, live, peak = {}, 0, 0
-        for index in sorted(rows):
-            if index in available:
-                continue
+        tails = {i: entry for i, entry in (cache or {}).items() if i not in fresh}
+        tail_starts = self._tail_starts(rows, available) if cache is not None else {}
+        for index in sorted(fresh):
             size = self._bytes(index, rows[index][1] - rows[index][0])
             peak = max(peak, live + size + (0 if self.nodes[index].kind in ("norm", "add") else size // 2))
             if store is not None:
-                values[index] = self._apply(index, *rows[index], values, rows, store)
+                values[index] = self._assemble(index, rows, fresh, values, store, cache)
+                end = rows[index][0] + values[index].shape[self.axis]
+                keep_from = max(tail_starts.get(index, end), rows[index][0])
+                if keep_from < end:
+                    tail = values[index].narrow(self.axis, keep_from - rows[index][0], end - keep_from)
+                    tails[index] = (keep_from, tail.clone())
             live += size
+            if index not in reads:
+                continue
             for source in self.nodes[index].inputs:
                 pending[source] -= 1
                 if source not in available and pending[source] == 0:
@@ -199,8 +233,46 @@ class SlabDecoder:
                     values.pop(source, None)
         if store is None:
             return peak
+        if cache is not None:
+            cache.clear()
+            cache.update(tails)
         value = values[target]
         return value.narrow(self.axis, start - rows[target][0], stop - start)
+
+    def _assemble(self, index: int, rows, fresh, values, store, cache) -> torch.Tensor:
+        """A node's rows from its first required one: those cached from the previous slabs (possibly beyond the
+        required ones, computed earlier for a consumer that runs ahead) followed by the freshly computed ones."""
+        (start, stop), (fresh_start, _) = rows[index], fresh[index]
+        computed = self._apply(index, fresh_start, stop, values, rows, store) if fresh_start < stop else None
+        if fresh_start == start:
+            return computed
+        cached_start, cached = cache[index]
+        if computed is None:
+            return cached.narrow(self.axis, start - cached_start, cached.shape[self.axis] - start + cached_start)
+        reused = cached.narrow(self.axis, start - cached_start, fresh_start - start)
+        return torch.cat([reused, computed], dim=self.axis)
+
+    def _tail_starts(self, rows, available) -> dict[int, int]:
+        """For each node evaluated for a slab, the first of its rows the next slab will read.
+
+        The next slab continues every node from the last row computed now, so a node's consumer reads it from the
+        first input row of the consumer's next output row on (the target's next rows need none of its present ones).
+        """
+        starts = {}
+        for consumer, (_, stop) in rows.items():
+            if consumer in available:
+                continue
+            first = max(self._input_rows(consumer, stop, stop + 1)[0], 0)
+            for source in self.nodes[consumer].inputs:
+                if source in rows and source not in available:
+                    starts[source] = min(starts.get(source, first), first)
+        return starts
+
+    def _stream(self, target: int, store: dict, available):
+        """Rows of `target` slab by slab, in order, every intermediate row computed once (see `_evaluate`)."""
+        cache = {}
+        for start, stop in self._slabs(target):
+            yield start, stop, self._evaluate(target, start, stop, store, available, cache)
 
     def _rows_of(self, source: int, values, rows, store, lo: int, hi: int) -> torch.Tensor:
         if source in values:
@@ -222,13 +294,13 @@ class SlabDecoder:
         lo_c, hi_c = max(lo, 0), min(hi, self._length(source))
         x = self._rows_of(source, values, rows, store, lo_c, hi_c)
         padding = list(module.padding)
-        padding[j] = 0
         if node.kind == "conv":
-            if lo_c > lo or hi_c < hi:
-                pad = [0] * (2 * (4 - self.axis)) + [lo_c - lo, hi - hi_c]
-                x = F.pad(x, pad)
-            out = F.conv3d(x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups)
-            return out
+            if (lo_c - lo, hi - hi_c) != (padding[j], padding[j]):  # a slab inside the volume, or touching one end
+                padding[j] = 0
+                if lo_c > lo or hi_c < hi:
+                    x = F.pad(x, [0] * (2 * (4 - self.axis)) + [lo_c - lo, hi - hi_c])
+            return F.conv3d(x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups)
+        padding[j] = 0
         out = F.conv_transpose3d(
             x,
             module.weight,
@@ -253,18 +325,22 @@ class SlabDecoder:
         node, source = self.nodes[index], self.nodes[index].inputs[0]
         module = node.module
         batch, channels = node.shape[:2]
-        total = torch.zeros(batch, channels, dtype=torch.float64)
-        squares = torch.zeros(batch, channels, dtype=torch.float64)
-        dims = tuple(SPATIAL_AXES)
-        for start, stop in self._slabs(source):
-            x = self._evaluate(source, start, stop, store, available)
-            total += x.sum(dims, dtype=torch.float64).cpu()
-            squares += x.square().sum(dims, dtype=torch.float64).cpu()
-            del x
         groups = module.num_groups
-        count = math.prod(node.shape[2:]) * (channels // groups)
-        mean = total.view(batch, groups, -1).sum(-1) / count
-        var = (squares.view(batch, groups, -1).sum(-1) / count - mean.square()).clamp_min(0)
+        counts, means, variances = [], [], []
+        for _, _, x in self._stream(source, store, available):
+            # Per slab and channel a one-pass variance and mean; slabs and the channels of a group are merged in
+            # float64 below (the pairwise update of Chan et al.), so no sum of squares loses precision.
+            variance, mean = torch.var_mean(x.flatten(2), dim=-1, correction=0)
+            counts.append(x[0, 0].numel())
+            means.append(mean.double().cpu().view(batch, groups, -1))
+            variances.append(variance.double().cpu().view(batch, groups, -1))
+            del x
+        counts = torch.tensor(counts, dtype=torch.float64).view(-1, 1, 1, 1)
+        means, variances = torch.cat(means, dim=-1), torch.cat(variances, dim=-1)
+        counts = counts.expand(-1, 1, 1, channels // groups).movedim(0, -2).flatten(-2).expand_as(means)
+        mean = (counts * means).sum(-1, keepdim=True) / counts.sum(-1, keepdim=True)
+        var = (counts * (variances + (means - mean).square())).sum(-1) / counts.sum(-1)
+        mean = mean.squeeze(-1)
         rstd = (var + module.eps).rsqrt()
         mean = mean.repeat_interleave(channels // groups, dim=1)
         rstd = rstd.repeat_interleave(channels // groups, dim=1)
@@ -321,8 +397,16 @@ class SlabDecoder:
             available = {i for i in kept if created[i] < step}
             target = self.nodes[index].inputs[0] if kind == "stats" else index
             working = max(self._evaluate(target, a, b, None, available) for a, b in self._slabs(target)[:3])
-            peak = max(peak, alive + working)
+            peak = max(peak, alive + working + self._halo_cache_bytes(target, available))
         return peak
+
+    def _halo_cache_bytes(self, target: int, available) -> int:
+        """Bytes of the rows a middle slab of `target` keeps for the next one (see `_evaluate`)."""
+        slabs = self._slabs(target)
+        if target in available or len(slabs) < 3:
+            return 0
+        rows = self._required_rows(target, *slabs[1], available)
+        return sum(self._bytes(i, rows[i][1] - start) for i, start in self._tail_starts(rows, available).items())
 
     def _plan(self) -> None:
         """Keep whole every convolution or addition output that the memory budget allows (smallest first; among equal
@@ -381,11 +465,14 @@ class SlabDecoder:
     @torch.no_grad()
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Decode post-quantisation-convolution latents `(B, C, d, h, w)` exactly, slab by slab."""
-        head, _ = self._split_blocks()
+        head, tail = self._split_blocks()
         hidden_states = self.decoder.conv_in(hidden_states)
         for block in head:
             hidden_states = block(hidden_states)
         self.plan(tuple(hidden_states.shape), hidden_states.element_size())
+        if self.slab_size >= self._length(0) and all(node.keep for node in self.nodes if node.kind != "norm"):
+            # The budget holds the whole decode: one slab with every tensor kept is the decoder's own forward.
+            return self.decoder.inference_tail(hidden_states, tail)
         store, done = {0: hidden_states}, {0}
         self.dtype_device = (hidden_states.dtype, hidden_states.device)
         del hidden_states
@@ -404,9 +491,13 @@ class SlabDecoder:
                 self._set_norm_statistics(index, store, done)
             else:
                 shape = self.nodes[index].shape
-                out = torch.empty(shape, dtype=self.dtype_device[0], device=self.dtype_device[1])
-                for start, stop in self._slabs(index):
-                    out.narrow(self.axis, start, stop - start).copy_(self._evaluate(index, start, stop, store, done))
+                slabs = self._stream(index, store, done)
+                if len(self._slabs(index)) == 1:  # the whole tensor at once, nothing to assemble
+                    out = next(slabs)[2]
+                else:
+                    out = torch.empty(shape, dtype=self.dtype_device[0], device=self.dtype_device[1])
+                    for start, stop, rows in slabs:
+                        out.narrow(self.axis, start, stop - start).copy_(rows)
                 store[index] = out
                 done.add(index)
             for leaf in [leaf for leaf, last in last_reader.items() if last == step and leaf in store]:
