@@ -36,8 +36,6 @@ from .patch_volume import ResampleBlock3D
 
 logger = logging.get_logger(__name__)
 
-SPATIAL_AXES = (2, 3, 4)
-
 
 @dataclass
 class _Node:
@@ -335,12 +333,11 @@ class SlabDecoder:
             means.append(mean.double().cpu().view(batch, groups, -1))
             variances.append(variance.double().cpu().view(batch, groups, -1))
             del x
-        counts = torch.tensor(counts, dtype=torch.float64).view(-1, 1, 1, 1)
-        means, variances = torch.cat(means, dim=-1), torch.cat(variances, dim=-1)
-        counts = counts.expand(-1, 1, 1, channels // groups).movedim(0, -2).flatten(-2).expand_as(means)
-        mean = (counts * means).sum(-1, keepdim=True) / counts.sum(-1, keepdim=True)
-        var = (counts * (variances + (means - mean).square())).sum(-1) / counts.sum(-1)
-        mean = mean.squeeze(-1)
+        means, variances = torch.stack(means), torch.stack(variances)  # (slabs, batch, groups, channels per group)
+        weights = torch.tensor(counts, dtype=torch.float64).view(-1, 1, 1, 1).expand_as(means)
+        mean = (weights * means).sum((0, 3)) / weights.sum((0, 3))
+        deviations = (means - mean[None, :, :, None]).square()
+        var = (weights * (variances + deviations)).sum((0, 3)) / weights.sum((0, 3))
         rstd = (var + module.eps).rsqrt()
         mean = mean.repeat_interleave(channels // groups, dim=1)
         rstd = rstd.repeat_interleave(channels // groups, dim=1)
