@@ -132,7 +132,7 @@ class VQModel3D(
         self.tile_latent_size = (16, 16, 16)
         self.tile_latent_overlap = 4
         self.tile_blend_mode = "constant"
-        self.patch_batch_size = 8
+        self.patch_batch_size = 4
         self.use_slab_decoding = False
         self.slab_latent_size = None
         self.slab_memory_budget = 4.0
