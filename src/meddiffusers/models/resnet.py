@@ -38,19 +38,20 @@ class ResnetBlock3D(nn.Module):
 
 
 def inference_conv3d(conv: nn.Conv3d, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`conv(hidden_states)`, routed to oneDNN for batch-1 CPU inference where PyTorch would not choose it.
+    """`conv(hidden_states)`, run the fastest way PyTorch offers for float32 CPU inference.
 
-    PyTorch sends a float32 CPU convolution with a batch of one to its generic `slow_conv3d` path when
-    `channels · depth · height` is at most 20480 (e.g. 72 channels at 16³), which is about twice as slow as oneDNN
-    for 3³ kernels on 4³ and larger inputs. Below 4³ voxels the generic path is the faster one and is kept. Training,
-    other devices and dtypes, and `torch.compile` tracing use `conv` unchanged; the two paths agree to float32
-    rounding (about 1e-6). Under CPU autocast the module call is kept too, so the convolution runs in bfloat16.
+    Above 4³ voxels the convolution goes to oneDNN in the channels-last (`NDHWC`) layout, which it computes without
+    reordering its input and output: a third faster than oneDNN on `NCDHW` tensors for BiFlowNet's 72 channels at 32³
+    (59 against 92 ms), and for a batch of one about four times as fast as the generic `slow_conv3d` path PyTorch
+    picks when `channels · depth · height` is at most 20480. The output stays channels-last; the layers that follow
+    keep that layout (GroupNorm through [`owned_group_norm`]). At 4³ voxels and below the generic path is the faster
+    one (576 channels at 4³: 32 against 52 ms) and is kept. Training, other devices and dtypes, CPU autocast and
+    `torch.compile` tracing use `conv` unchanged; the paths agree to float32 rounding (about 1e-6).
     """
     if (
-        hidden_states.shape[0] == 1
-        and hidden_states.device.type == "cpu"
+        hidden_states.device.type == "cpu"
         and hidden_states.dtype == torch.float32
-        and hidden_states.shape[2:].numel() >= 64
+        and hidden_states.shape[2:].numel() > 64
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
         and not (torch.is_grad_enabled() and (hidden_states.requires_grad or conv.weight.requires_grad))
@@ -59,9 +60,10 @@ def inference_conv3d(conv: nn.Conv3d, hidden_states: torch.Tensor) -> torch.Tens
         and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()
     ):
+        layout = torch.channels_last_3d
         return torch.ops.aten.mkldnn_convolution(
-            hidden_states.contiguous(),
-            conv.weight,
+            hidden_states.contiguous(memory_format=layout),
+            conv.weight.contiguous(memory_format=layout),
             conv.bias,
             list(conv.padding),
             list(conv.stride),
@@ -69,6 +71,32 @@ def inference_conv3d(conv: nn.Conv3d, hidden_states: torch.Tensor) -> torch.Tens
             conv.groups,
         )
     return conv(hidden_states)
+
+
+def owned_group_norm(hidden_states: torch.Tensor, norm: nn.GroupNorm, affine: bool = True) -> torch.Tensor:
+    """`norm(hidden_states)` for a tensor the caller no longer needs: a channels-last CPU input is centred in place.
+
+    PyTorch's channels-last CPU GroupNorm accumulates `E[x²] - E[x]²` in float32, which loses the variance when a
+    group's mean is large against its spread (72 channels at 32³, mean 10, std 0.5: max error 3.6e-3, against
+    2.9e-6 for the `NCDHW` kernel). GroupNorm does not change when a constant is subtracted from a group, so each
+    group's mean is subtracted first (one cheap channel sum and one in-place pass); the error is then that of the
+    `NCDHW` kernel. Other layouts and devices go straight to `F.group_norm`. `affine=False` leaves out the norm's
+    weight and bias (for callers that fold them into a modulation).
+    """
+    if (
+        hidden_states.device.type == "cpu"
+        and not hidden_states.is_contiguous()
+        and hidden_states.is_contiguous(memory_format=torch.channels_last_3d)
+        and not torch.is_grad_enabled()
+    ):
+        batch, channels = hidden_states.shape[:2]
+        # A strided sample's mean is close enough: what matters is that the remaining offset is small against the
+        # group's spread.
+        sample = hidden_states[:, :, ::4, ::4, ::4].mean(dim=(2, 3, 4)).view(batch, norm.num_groups, -1)
+        shift = sample.mean(dim=2, keepdim=True).expand_as(sample).reshape(batch, channels, 1, 1, 1)
+        hidden_states.sub_(shift)
+    weight, bias = (norm.weight, norm.bias) if affine else (None, None)
+    return F.group_norm(hidden_states, norm.num_groups, weight, bias, norm.eps)
 
 
 class ConditionedResnetBlock3D(nn.Module):
@@ -102,15 +130,16 @@ class ConditionedResnetBlock3D(nn.Module):
     def forward(self, hidden_states: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         hidden = inference_conv3d(self.conv1, hidden_states)
         if self.time_emb_proj is None:
-            hidden = self.norm1(hidden)
+            hidden = owned_group_norm(hidden, self.norm1)
         else:
             # GroupNorm affine then FiLM, (x̂·w + b)·(1 + scale) + shift, as one per-(sample, channel) scale/shift.
             scale, shift = self.time_emb_proj(F.silu(condition)).chunk(2, dim=1)
             scale = scale + 1
             weight = self.norm1.weight * scale
             bias = self.norm1.bias * scale + shift
-            hidden = F.group_norm(hidden, self.norm1.num_groups, eps=self.norm1.eps)
+            hidden = owned_group_norm(hidden, self.norm1, affine=False)
             hidden = torch.addcmul(bias[:, :, None, None, None], hidden, weight[:, :, None, None, None])
-        hidden = self.norm2(inference_conv3d(self.conv2, F.silu(hidden)))
+        hidden = inference_conv3d(self.conv2, F.silu(hidden))
+        hidden = owned_group_norm(hidden, self.norm2)
         residual = hidden_states if self.conv_shortcut is None else inference_conv3d(self.conv_shortcut, hidden_states)
         return F.silu(hidden) + residual

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meddiffusers.models.attention import PaddedHeadAttnProcessor, TokenAttention, VolumeAttnProcessor
-from meddiffusers.models.resnet import ConditionedResnetBlock3D, inference_conv3d
+from meddiffusers.models.resnet import ConditionedResnetBlock3D, inference_conv3d, owned_group_norm
 from meddiffusers.models.unets.biflownet.dit_3d import DiTBlock3D
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -17,24 +17,43 @@ def plain_conv(conv, hidden):
 
 
 @needs_onednn
-def test_inference_conv3d_uses_onednn_for_batch_one_and_matches_the_generic_path():
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inference_conv3d_runs_onednn_channels_last_and_matches_the_generic_path(batch):
     torch.manual_seed(0)
     conv = nn.Conv3d(12, 10, kernel_size=3, padding=1)
-    hidden = torch.randn(1, 12, 6, 5, 4)
+    hidden = torch.randn(batch, 12, 6, 5, 4)
     with torch.no_grad():
         fast = inference_conv3d(conv, hidden)
-        onednn = torch.ops.aten.mkldnn_convolution(hidden, conv.weight, conv.bias, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1)
+        again = inference_conv3d(conv, hidden.contiguous(memory_format=torch.channels_last_3d))
         generic = plain_conv(conv, hidden)
-    assert torch.equal(fast, onednn)
+    assert fast.is_contiguous(memory_format=torch.channels_last_3d) and not fast.is_contiguous()
+    assert torch.equal(again, fast)  # a channels-last input is taken as it is
     torch.testing.assert_close(fast, generic, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mean", [0.0, 30.0])
+def test_owned_group_norm_is_exact_for_channels_last_groups_with_a_large_mean(mean):
+    # PyTorch's channels-last CPU GroupNorm alone is off by about 2e-2 here at mean 30 (float32 E[x²] - E[x]²).
+    torch.manual_seed(0)
+    norm = randomise(nn.GroupNorm(6, 24))
+    hidden = torch.randn(1, 24, 20, 20, 20) * 0.5 + mean + torch.randn(1, 24, 1, 1, 1)
+    expected = F.group_norm(hidden.double(), 6, norm.weight.double(), norm.bias.double(), norm.eps).float()
+    with torch.no_grad():
+        out = owned_group_norm(hidden.contiguous(memory_format=torch.channels_last_3d), norm)
+        bare = owned_group_norm(hidden.contiguous(memory_format=torch.channels_last_3d), norm, affine=False)
+        plain = owned_group_norm(hidden.clone(), norm)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(bare, F.group_norm(hidden.double(), 6, eps=norm.eps).float(), atol=2e-5, rtol=0)
+    assert torch.equal(plain, norm(hidden))  # other layouts: the plain GroupNorm, input untouched
 
 
 def test_inference_conv3d_keeps_the_plain_convolution_elsewhere():
     torch.manual_seed(0)
     conv = nn.Conv3d(6, 4, kernel_size=3, padding=1)
-    tiny, batched = torch.randn(1, 6, 2, 2, 2), torch.randn(2, 6, 4, 4, 4)
+    tiny, batched = torch.randn(1, 6, 4, 4, 4), torch.randn(2, 6, 4, 4, 4)
     with torch.no_grad():
-        assert torch.equal(inference_conv3d(conv, tiny), conv(tiny))  # below 4³ voxels the generic path is faster
+        assert torch.equal(inference_conv3d(conv, tiny), conv(tiny))  # up to 4³ voxels the generic path is faster
         assert torch.equal(inference_conv3d(conv, batched), conv(batched))
     # With gradients, the autograd-aware module call is used and gradients flow.
     hidden = torch.randn(1, 6, 4, 4, 4, requires_grad=True)
@@ -75,11 +94,12 @@ def randomise(module):
     return module
 
 
+@pytest.mark.parametrize("mean", [0.0, 20.0])
 @pytest.mark.parametrize("cond_dim", [8, None])
-def test_conditioned_resnet_block_equals_step_by_step_film(cond_dim):
+def test_conditioned_resnet_block_equals_step_by_step_film(cond_dim, mean):
     torch.manual_seed(0)
     block = randomise(ConditionedResnetBlock3D(6, 4, cond_dim, 2)).eval()
-    hidden, condition = torch.randn(2, 6, 4, 4, 4), torch.randn(2, 8)
+    hidden, condition = torch.randn(2, 6, 5, 6, 4) + mean, torch.randn(2, 8)
     with torch.no_grad():
         out = block(hidden, condition if cond_dim else None)
         expected = block.norm1(plain_conv(block.conv1, hidden))
@@ -88,7 +108,7 @@ def test_conditioned_resnet_block_equals_step_by_step_film(cond_dim):
             expected = expected * (scale[..., None, None, None] + 1) + shift[..., None, None, None]
         expected = F.silu(block.norm2(plain_conv(block.conv2, F.silu(expected))))
         expected = expected + block.conv_shortcut(hidden)
-        single = block(hidden[:1], condition[:1] if cond_dim else None)  # the batch-1 oneDNN route
+        single = block(hidden[:1], condition[:1] if cond_dim else None)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single, expected[:1], atol=1e-5, rtol=1e-5)
 

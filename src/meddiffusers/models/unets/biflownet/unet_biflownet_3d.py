@@ -192,7 +192,7 @@ class BiFlowNet3DModel(
             if level.resampler is not None:
                 hidden = level.resampler(hidden)
 
-        output = self.conv_out(self.final_resnet(torch.cat([hidden, stem], dim=1)))
+        output = self.conv_out(self.final_resnet(torch.cat([hidden, stem], dim=1))).contiguous()
         if not return_dict:
             return (output,)
         return BiFlowNet3DOutput(sample=output)
