@@ -29,6 +29,12 @@ def test_inference_conv3d_runs_onednn_channels_last_and_matches_the_generic_path
     assert fast.is_contiguous(memory_format=torch.channels_last_3d) and not fast.is_contiguous()
     assert torch.equal(again, fast)  # a channels-last input is taken as it is
     torch.testing.assert_close(fast, generic, atol=1e-5, rtol=1e-5)
+    # Above 32³ voxels the map goes back to NCDHW (where GroupNorm is exact), still through oneDNN.
+    large = torch.randn(batch, 12, 33, 32, 32).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        out = inference_conv3d(conv, large)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, plain_conv(conv, large), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mean", [0.0, 30.0])
