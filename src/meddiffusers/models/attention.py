@@ -16,6 +16,8 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.utils import is_xformers_available
 from torch import nn
 
+from .cpu_inference import inference_group_norm
+
 
 class VolumeAttnProcessor:
     """Default processor: `torch.nn.functional.scaled_dot_product_attention` (fused kernels on GPU)."""
@@ -161,6 +163,8 @@ class ResidualVolumeAttention(nn.Module):
         self.attention = VolumeAttention(channels, heads=heads, head_dim=head_dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm, nn.GroupNorm):
+            return hidden_states + self.attention(inference_group_norm(hidden_states, self.norm))
         return hidden_states + self.attention(self.norm(hidden_states))
 
 

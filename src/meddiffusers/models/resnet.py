@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_inference import inference_conv3d, inference_group_norm
+
 
 class ResnetBlock3D(nn.Module):
     """Pre-activation residual block: `GroupNorm -> SiLU -> Conv3d(3) -> GroupNorm -> SiLU -> Conv3d(3)` plus a skip.
@@ -31,78 +33,11 @@ class ResnetBlock3D(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = hidden_states if self.conv_shortcut is None else self.conv_shortcut(hidden_states)
-        hidden_states = self.conv1(F.silu(self.norm1(hidden_states)))
-        hidden_states = self.conv2(F.silu(self.norm2(hidden_states)))
+        shortcut = self.conv_shortcut
+        residual = hidden_states if shortcut is None else inference_conv3d(shortcut, hidden_states)
+        hidden_states = inference_conv3d(self.conv1, F.silu(inference_group_norm(hidden_states, self.norm1)))
+        hidden_states = inference_conv3d(self.conv2, F.silu(inference_group_norm(hidden_states, self.norm2)))
         return residual + hidden_states
-
-
-# Above this many voxels per sample the channels-last GroupNorm, even centred, loses accuracy (72 channels in groups
-# of 3, max error 6.7e-6 at 32³ but 6.4e-5 at 64³, against 1e-6 for NCDHW), so larger maps stay NCDHW.
-CHANNELS_LAST_MAX_VOXELS = 32**3
-
-
-def inference_conv3d(conv: nn.Conv3d, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`conv(hidden_states)`, run the fastest exact way PyTorch offers for float32 CPU inference.
-
-    From 5³ up to 32³ voxels the convolution goes to oneDNN in the channels-last (`NDHWC`) layout, which it computes
-    without reordering its input and output: a third faster than on `NCDHW` tensors for BiFlowNet's 72 channels at
-    32³. The output stays channels-last and so do the layers that follow (GroupNorm through [`owned_group_norm`]).
-    Larger maps go to oneDNN in `NCDHW` (`CHANNELS_LAST_MAX_VOXELS` says why); for a batch of one that is still
-    about four times as fast as the generic `slow_conv3d` path PyTorch picks when `channels · depth · height` is at
-    most 20480. At 4³ voxels and below the generic path is the faster one (576 channels at 4³: 32 against 52 ms)
-    and is kept. Training, other devices and dtypes, CPU autocast and `torch.compile` tracing use `conv` unchanged;
-    the paths agree to float32 rounding (about 1e-6).
-    """
-    voxels = hidden_states.shape[2:].numel()
-    if (
-        hidden_states.device.type == "cpu"
-        and hidden_states.dtype == torch.float32
-        and voxels > 64
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-        and not (torch.is_grad_enabled() and (hidden_states.requires_grad or conv.weight.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and not torch.compiler.is_compiling()
-    ):
-        # The input's layout selects the weight's and the output's.
-        layout = torch.channels_last_3d if voxels <= CHANNELS_LAST_MAX_VOXELS else torch.contiguous_format
-        return torch.ops.aten.mkldnn_convolution(
-            hidden_states.contiguous(memory_format=layout),
-            conv.weight,
-            conv.bias,
-            list(conv.padding),
-            list(conv.stride),
-            list(conv.dilation),
-            conv.groups,
-        )
-    return conv(hidden_states)
-
-
-def owned_group_norm(hidden_states: torch.Tensor, norm: nn.GroupNorm, affine: bool = True) -> torch.Tensor:
-    """`norm(hidden_states)` for a tensor the caller no longer needs, exact for channels-last inputs too.
-
-    PyTorch's channels-last CPU GroupNorm accumulates `E[x²] - E[x]²` in float32, which loses the variance when a
-    group's mean is large against its spread (72 channels at 32³, mean 10, std 0.5: max error 3.6e-3, against
-    2.9e-6 for the `NCDHW` kernel). GroupNorm does not change when a constant is subtracted from a group, so a
-    channels-last CPU input (that does not require grad) first has each group's mean, estimated from a strided
-    sample, subtracted in place; the error is then that of the `NCDHW` kernel. Other inputs go straight to
-    `F.group_norm`. `affine=False` leaves out the norm's weight and bias (for callers that fold them into a
-    modulation).
-    """
-    if (
-        hidden_states.device.type == "cpu"
-        and not hidden_states.requires_grad
-        and not hidden_states.is_contiguous()
-        and hidden_states.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        batch, channels = hidden_states.shape[:2]
-        sample = hidden_states[:, :, ::4, ::4, ::4].mean(dim=(2, 3, 4)).view(batch, norm.num_groups, -1)
-        hidden_states.sub_(sample.mean(dim=2, keepdim=True).expand_as(sample).reshape(batch, channels, 1, 1, 1))
-    weight, bias = (norm.weight, norm.bias) if affine else (None, None)
-    return F.group_norm(hidden_states, norm.num_groups, weight, bias, norm.eps)
 
 
 class ConditionedResnetBlock3D(nn.Module):
@@ -136,16 +71,14 @@ class ConditionedResnetBlock3D(nn.Module):
     def forward(self, hidden_states: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         hidden = inference_conv3d(self.conv1, hidden_states)
         if self.time_emb_proj is None:
-            hidden = owned_group_norm(hidden, self.norm1)
+            hidden = inference_group_norm(hidden, self.norm1, inplace=True)
         else:
             # GroupNorm affine then FiLM, (x̂·w + b)·(1 + scale) + shift, as one per-(sample, channel) scale/shift.
             scale, shift = self.time_emb_proj(F.silu(condition)).chunk(2, dim=1)
             scale = scale + 1
-            weight = self.norm1.weight * scale
-            bias = self.norm1.bias * scale + shift
-            hidden = owned_group_norm(hidden, self.norm1, affine=False)
-            hidden = torch.addcmul(bias[:, :, None, None, None], hidden, weight[:, :, None, None, None])
+            weight, bias = self.norm1.weight * scale, self.norm1.bias * scale + shift
+            hidden = inference_group_norm(hidden, self.norm1, weight, bias, inplace=True)
         hidden = inference_conv3d(self.conv2, F.silu(hidden))
-        hidden = owned_group_norm(hidden, self.norm2)
+        hidden = inference_group_norm(hidden, self.norm2, inplace=True)
         residual = hidden_states if self.conv_shortcut is None else inference_conv3d(self.conv_shortcut, hidden_states)
         return F.silu(hidden) + residual

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cpu_inference import inference_conv3d, inference_conv_transpose3d
+
 
 def downsampling_conv(channels: int) -> nn.Conv3d:
     """`Conv3d(channels, channels, kernel 4, stride 2, padding 1)`: halves every even spatial side."""
@@ -33,7 +35,7 @@ class Downsample3D(nn.Module):
         self.conv = downsampling_conv(channels)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.conv(hidden_states)
+        return inference_conv3d(self.conv, hidden_states)
 
 
 class Upsample3D(nn.Module):
@@ -48,4 +50,4 @@ class Upsample3D(nn.Module):
         self.conv = upsampling_conv(channels)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.conv(hidden_states)
+        return inference_conv_transpose3d(self.conv, hidden_states)

@@ -221,18 +221,20 @@ def test_pipeline_decodes_large_latents_by_slabs_and_respects_an_explicit_choice
     with torch.no_grad():
         full = vqvae.decode(vqvae.denormalize_latents(latents)).sample
     pipe.register_to_config(tiled_decode_threshold=4 * 6 * 5)  # not larger than the threshold: full decode
-    assert torch.equal(pipe.decode_latents(latents), full) and seen == []
-    pipe.register_to_config(tiled_decode_threshold=4 * 6 * 5 - 1)  # larger: exact slab decoding, then switched off
-    torch.testing.assert_close(pipe.decode_latents(latents), full, atol=1e-5, rtol=0)
-    assert seen == ["slab_decode"] and not vqvae.use_slab_decoding
-    vqvae.enable_tiling(tile_latent_size=4, tile_latent_overlap=1)  # an explicit choice wins
-    pipe.decode_latents(latents)
+    with torch.no_grad():
+        assert torch.equal(pipe.decode_latents(latents), full) and seen == []
+        pipe.register_to_config(tiled_decode_threshold=4 * 6 * 5 - 1)  # larger: exact slab decoding, then switched off
+        torch.testing.assert_close(pipe.decode_latents(latents), full, atol=1e-5, rtol=0)
+        assert seen == ["slab_decode"] and not vqvae.use_slab_decoding
+        vqvae.enable_tiling(tile_latent_size=4, tile_latent_overlap=1)  # an explicit choice wins
+        pipe.decode_latents(latents)
     vqvae.disable_tiling()
     assert seen == ["slab_decode", "tiled_decode"]
 
 
 def test_lean_inference_path_changes_no_result():
-    # Without autograd, the encoder and decoder free activations early; outputs are bitwise those of the autograd path.
+    # Without autograd, the encoder and decoder free activations early and run channels-last with exact GroupNorm
+    # statistics: outputs equal the autograd path's up to float32 rounding.
     model = tiny_model(seed=7)
     volume = torch.rand(1, 1, 16, 16, 8, generator=torch.Generator().manual_seed(8)) * 2 - 1
     with torch.no_grad():
@@ -241,4 +243,5 @@ def test_lean_inference_path_changes_no_result():
     latents = model.encode(volume).latents
     decoded = model.decode(latents.detach()).sample
     assert latents.requires_grad and decoded.requires_grad
-    assert torch.equal(lean_latents, latents.detach()) and torch.equal(lean_volume, decoded.detach())
+    torch.testing.assert_close(lean_latents, latents.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lean_volume, decoded.detach(), atol=1e-5, rtol=0)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import ResidualVolumeAttention
+from ..cpu_inference import inference_conv3d, inference_group_norm
 from ..resnet import ResnetBlock3D
 from ..sampling import Downsample3D, Upsample3D
 
@@ -63,15 +64,16 @@ def resample_levels(widths, num_resamplings, resampler_cls, norm_num_groups, nor
 def _resnet_inference(block: ResnetBlock3D, inputs: list[torch.Tensor]) -> torch.Tensor:
     """`block(x)` for `x = inputs.pop()`, holding at most three activations (the caller keeps no reference to `x`).
 
-    Same operations and results as `ResnetBlock3D.forward`; the activations are applied in place and each
-    intermediate is released as soon as the next one exists.
+    Same operations and results as `ResnetBlock3D.forward`; the normalisations and activations are applied in place
+    and each intermediate is released as soon as the next one exists.
     """
     hidden_states = inputs.pop()
-    residual = hidden_states if block.conv_shortcut is None else block.conv_shortcut(hidden_states)
-    hidden_states = F.silu(block.norm1(hidden_states), inplace=True)
-    hidden_states = block.conv1(hidden_states)
-    hidden_states = F.silu(block.norm2(hidden_states), inplace=True)
-    hidden_states = block.conv2(hidden_states)
+    shortcut = block.conv_shortcut
+    residual = hidden_states if shortcut is None else inference_conv3d(shortcut, hidden_states)
+    hidden_states = inference_group_norm(hidden_states, block.norm1, inplace=shortcut is not None)
+    hidden_states = inference_conv3d(block.conv1, F.silu(hidden_states, inplace=True))
+    hidden_states = inference_group_norm(hidden_states, block.norm2, inplace=True)
+    hidden_states = inference_conv3d(block.conv2, F.silu(hidden_states, inplace=True))
     return hidden_states.add_(residual)
 
 
@@ -103,16 +105,16 @@ class _BlockStack(nn.Module):
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return self._inference_forward(sample)
-        hidden_states = self.conv_in(sample)
+        hidden_states = inference_conv3d(self.conv_in, sample)
         for block in self.ordered_blocks():
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block, hidden_states)
             else:
                 hidden_states = block(hidden_states)
-        return self.conv_out(F.silu(self.norm_out(hidden_states)))
+        return inference_conv3d(self.conv_out, F.silu(inference_group_norm(hidden_states, self.norm_out)))
 
     def _inference_forward(self, sample: torch.Tensor) -> torch.Tensor:
-        return self.inference_tail(self.conv_in(sample), self.ordered_blocks())
+        return self.inference_tail(inference_conv3d(self.conv_in, sample), self.ordered_blocks())
 
     def inference_tail(self, hidden_states: torch.Tensor, blocks: list[nn.Module]) -> torch.Tensor:
         """The lean inference loop over `blocks` (the last of `ordered_blocks`), then the output layers."""
@@ -125,8 +127,8 @@ class _BlockStack(nn.Module):
                     holder.append(_resnet_inference(layer, holder))
                 else:
                     holder.append(layer(holder.pop()))
-        hidden_states = F.silu(self.norm_out(holder.pop()), inplace=True)
-        return self.conv_out(hidden_states)
+        hidden_states = F.silu(inference_group_norm(holder.pop(), self.norm_out, inplace=True), inplace=True)
+        return inference_conv3d(self.conv_out, hidden_states).contiguous()
 
 
 class PatchVolumeEncoder(_BlockStack):

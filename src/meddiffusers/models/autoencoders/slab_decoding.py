@@ -30,6 +30,13 @@ from diffusers.utils import logging
 from torch import nn
 
 from ..attention import VolumeAttention
+from ..cpu_inference import (
+    channel_statistics,
+    inference_conv3d,
+    inference_conv_transpose3d,
+    is_channels_last,
+    is_doubling_transpose,
+)
 from ..resnet import ResnetBlock3D
 from ..sampling import Downsample3D, Upsample3D
 from .patch_volume import ResampleBlock3D
@@ -297,19 +304,24 @@ class SlabDecoder:
                 padding[j] = 0
                 if lo_c > lo or hi_c < hi:
                     x = F.pad(x, [0] * (2 * (4 - self.axis)) + [lo_c - lo, hi - hi_c])
-            return F.conv3d(x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups)
-        padding[j] = 0
-        out = F.conv_transpose3d(
-            x,
-            module.weight,
-            module.bias,
-            module.stride,
-            padding,
-            module.output_padding,
-            module.groups,
-            module.dilation,
-        )
-        offset = module.stride[j] * lo_c - module.padding[j]  # global row of the first output row
+            return inference_conv3d(module, x, padding)
+        if is_doubling_transpose(module):
+            # Computed with its own padding, the slab's output row r is the global row 2·lo_c + r, and every row
+            # [start, stop) needs only input rows inside the slab or outside the volume.
+            out, offset = inference_conv_transpose3d(module, x), 2 * lo_c
+        else:
+            padding[j] = 0
+            out = F.conv_transpose3d(
+                x,
+                module.weight,
+                module.bias,
+                module.stride,
+                padding,
+                module.output_padding,
+                module.groups,
+                module.dilation,
+            )
+            offset = module.stride[j] * lo_c - module.padding[j]  # global row of the first output row
         return out.narrow(self.axis, start - offset, stop - start)
 
     # ------------------------------------------------------------------------------------------------ statistics
@@ -326,12 +338,12 @@ class SlabDecoder:
         groups = module.num_groups
         counts, means, variances = [], [], []
         for _, _, x in self._stream(source, store, available):
-            # Per slab and channel a one-pass variance and mean; slabs and the channels of a group are merged in
-            # float64 below (the pairwise update of Chan et al.), so no sum of squares loses precision.
-            variance, mean = torch.var_mean(x.flatten(2), dim=-1, correction=0)
+            # Per slab and channel a mean and variance (float64, exact for channels-last slabs too); slabs and the
+            # channels of a group are merged below (the pairwise update of Chan et al.).
+            mean, variance = channel_statistics(x)
             counts.append(x[0, 0].numel())
-            means.append(mean.double().cpu().view(batch, groups, -1))
-            variances.append(variance.double().cpu().view(batch, groups, -1))
+            means.append(mean.cpu().view(batch, groups, -1))
+            variances.append(variance.cpu().view(batch, groups, -1))
             del x
         means, variances = torch.stack(means), torch.stack(variances)  # (slabs, batch, groups, channels per group)
         weights = torch.tensor(counts, dtype=torch.float64).view(-1, 1, 1, 1).expand_as(means)
@@ -463,7 +475,7 @@ class SlabDecoder:
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Decode post-quantisation-convolution latents `(B, C, d, h, w)` exactly, slab by slab."""
         head, tail = self._split_blocks()
-        hidden_states = self.decoder.conv_in(hidden_states)
+        hidden_states = inference_conv3d(self.decoder.conv_in, hidden_states)
         for block in head:
             hidden_states = block(hidden_states)
         self.plan(tuple(hidden_states.shape), hidden_states.element_size())
@@ -489,15 +501,19 @@ class SlabDecoder:
             else:
                 shape = self.nodes[index].shape
                 slabs = self._stream(index, store, done)
-                if len(self._slabs(index)) == 1:  # the whole tensor at once, nothing to assemble
-                    out = next(slabs)[2]
-                else:
-                    out = torch.empty(shape, dtype=self.dtype_device[0], device=self.dtype_device[1])
-                    for start, stop, rows in slabs:
-                        out.narrow(self.axis, start, stop - start).copy_(rows)
+                out = None
+                for start, stop, rows in slabs:
+                    if stop - start == shape[self.axis]:  # the whole tensor at once, nothing to assemble
+                        out = rows
+                        break
+                    if out is None:  # in the slabs' layout (channels-last on the fast CPU path)
+                        layout = torch.channels_last_3d if is_channels_last(rows) else torch.contiguous_format
+                        dtype, device = self.dtype_device
+                        out = torch.empty(shape, dtype=dtype, device=device, memory_format=layout)
+                    out.narrow(self.axis, start, stop - start).copy_(rows)
                 store[index] = out
                 done.add(index)
             for leaf in [leaf for leaf, last in last_reader.items() if last == step and leaf in store]:
                 if leaf != len(self.nodes) - 1:
                     del store[leaf]
-        return store[len(self.nodes) - 1]
+        return store[len(self.nodes) - 1].contiguous()

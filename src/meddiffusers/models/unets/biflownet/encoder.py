@@ -10,9 +10,10 @@ from torch import nn
 
 from ....utils.volume_tiling import merge_patches, split_into_patches
 from ...attention import ResidualVolumeAttention
+from ...cpu_inference import inference_conv3d
 from ...embeddings import TwoLayerEmbedding, sincos_position_embedding_3d, sinusoidal_timestep_embedding
 from ...normalization import ChannelLayerNorm
-from ...resnet import ConditionedResnetBlock3D, inference_conv3d
+from ...resnet import ConditionedResnetBlock3D
 from ...sampling import downsampling_conv
 from .dit_3d import DiTStage
 from .unet_blocks import UNetLevel3D
