@@ -269,9 +269,15 @@ class SlabDecoder:
                 continue
             first = max(self._input_rows(consumer, stop, stop + 1)[0], 0)
             for source in self.nodes[consumer].inputs:
-                if source in rows and source not in available:
+                if source in rows and source not in available and not self._cheap(source, available):
                     starts[source] = min(starts.get(source, first), first)
         return starts
+
+    def _cheap(self, index: int, available) -> bool:
+        """Whether a node is elementwise on kept tensors: recomputing its halo rows costs less than keeping them
+        and joining them to the next slab's rows."""
+        node = self.nodes[index]
+        return node.kind in ("norm", "add") and all(source in available for source in node.inputs)
 
     def _stream(self, target: int, store: dict, available):
         """Rows of `target` slab by slab, in order, every intermediate row computed once (see `_evaluate`)."""
@@ -300,7 +306,14 @@ class SlabDecoder:
         x = self._rows_of(source, values, rows, store, lo_c, hi_c)
         padding = list(module.padding)
         if node.kind == "conv":
-            if (lo_c - lo, hi - hi_c) != (padding[j], padding[j]):  # a slab inside the volume, or touching one end
+            k, p, d = module.kernel_size[j], padding[j], module.dilation[j]
+            if module.stride[j] == 1 and d * (k - 1) == 2 * p:
+                # A size-preserving convolution keeps its own zero padding: output row r is the global row
+                # lo_c + r, the rows [start, stop) read only slab rows or rows outside the volume, and the p rows
+                # computed beyond them on a side inside the volume are dropped (cheaper than padding a copy).
+                out = inference_conv3d(module, x)
+                return out.narrow(self.axis, start - lo_c, stop - start)
+            if (lo_c - lo, hi - hi_c) != (p, p):  # a slab inside the volume, or touching one end
                 padding[j] = 0
                 if lo_c > lo or hi_c < hi:
                     x = F.pad(x, [0] * (2 * (4 - self.axis)) + [lo_c - lo, hi - hi_c])
@@ -469,6 +482,12 @@ class SlabDecoder:
         self._build(hidden_shape, tail)
         self.slab_size = self._choose_slab_size()
         self._plan()
+        if self.slab_latent_size is None and all(node.keep for node in self.nodes if node.kind != "norm"):
+            # Everything is kept: one slab, the decoder's own forward, may fit the budget even where the slab size
+            # chosen against half of it did not.
+            chosen, self.slab_size = self.slab_size, self._length(0)
+            if self._simulate() > self.memory_budget:
+                self.slab_size = chosen
         return self.describe()
 
     @torch.no_grad()
