@@ -78,7 +78,11 @@ class ConditionedResnetBlock3D(nn.Module):
             scale = scale + 1
             weight, bias = self.norm1.weight * scale, self.norm1.bias * scale + shift
             hidden = inference_group_norm(hidden, self.norm1, weight, bias, inplace=True)
-        hidden = inference_conv3d(self.conv2, F.silu(hidden))
+        # Without autograd the intermediates are rewritten in place (no fresh volume-sized buffers).
+        inplace = not hidden.requires_grad
+        hidden = inference_conv3d(self.conv2, F.silu(hidden, inplace=inplace))
         hidden = inference_group_norm(hidden, self.norm2, inplace=True)
         residual = hidden_states if self.conv_shortcut is None else inference_conv3d(self.conv_shortcut, hidden_states)
+        if inplace:
+            return F.silu(hidden, inplace=True).add_(residual)
         return F.silu(hidden) + residual

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from meddiffusers.models.attention import PaddedHeadAttnProcessor, TokenAttention, VolumeAttnProcessor
 from meddiffusers.models.resnet import ConditionedResnetBlock3D
-from meddiffusers.models.unets.biflownet.dit_3d import DiTBlock3D
+from meddiffusers.models.unets.biflownet import dit_3d
+from meddiffusers.models.unets.biflownet.dit_3d import DiTBlock3D, DiTOutputLayer3D
 
 
 def plain_conv(conv, hidden):
@@ -77,3 +78,40 @@ def test_dit_block_equals_unfused_adaln_computation():
         x = x + gate_msa * block.attention(block.norm1(x) * (1 + scale_msa) + shift_msa)
         expected = x + gate_mlp * block.ff(block.norm2(x) * (1 + scale_mlp) + shift_mlp)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_conditioned_resnet_block_in_place_inference_equals_the_autograd_path_and_keeps_its_input():
+    torch.manual_seed(0)
+    block = randomise(ConditionedResnetBlock3D(4, 4, 8, 2)).eval()
+    hidden, condition = torch.randn(1, 4, 6, 5, 7), torch.randn(1, 8)
+    kept = hidden.clone()
+    with torch.no_grad():
+        inference = block(hidden, condition)
+    assert torch.equal(hidden, kept)
+    tracked = block(hidden.requires_grad_(), condition)
+    tracked.sum().backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    torch.testing.assert_close(inference, tracked.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_dit_inference_runs_groups_of_sub_volumes_with_the_same_result(monkeypatch):
+    torch.manual_seed(0)
+    block = randomise(DiTBlock3D(12, 2, 2.0, 16, with_skip=True)).eval()
+    output = randomise(DiTOutputLayer3D(12, 1, 12, 16)).eval()
+    tokens, skip, condition = torch.randn(5, 10, 12), torch.randn(5, 10, 12), torch.randn(5, 16)
+    with torch.no_grad():
+        whole_block, whole_output = block(tokens, condition, skip), output(tokens, condition)
+    calls = []
+    block.attention.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(dit_3d, "INFERENCE_TOKENS_PER_GROUP", 20)  # two sub-volumes of 10 tokens per group
+    with torch.no_grad():
+        grouped_block, grouped_output = block(tokens, condition, skip), output(tokens, condition)
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(grouped_block, whole_block, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grouped_output, whole_output, atol=1e-6, rtol=1e-6)
+    # With autograd the sub-volumes stay together (one call) and gradients reach the inputs.
+    calls.clear()
+    tracked = block(tokens.requires_grad_(), condition, skip)
+    tracked.sum().backward()
+    assert calls == [5] and tokens.grad is not None
+    torch.testing.assert_close(tracked.detach(), whole_block, atol=1e-6, rtol=1e-6)

@@ -8,6 +8,26 @@ from torch import nn
 
 from ...attention import TokenAttention
 
+# Inference runs the DiT on groups of sub-volumes of about this many tokens. Each sub-volume is independent, so the
+# result is the same; the groups' intermediates (q, k, v, the feed-forward's hidden layer) stay small enough to be
+# reused from the allocator and the cache instead of being fresh, page-faulting buffers the size of the whole latent.
+INFERENCE_TOKENS_PER_GROUP = 4096
+
+
+def in_sub_volume_groups(forward, tokens: torch.Tensor, *per_sub_volume: torch.Tensor) -> torch.Tensor:
+    """`forward(tokens, *per_sub_volume)`, run on groups of sub-volumes (the batch dimension) when no grad is needed.
+
+    Args:
+        forward: A function of `(B, L, dim)` tokens and tensors with the same leading dimension `B`.
+        tokens: The tokens of `B` sub-volumes.
+        per_sub_volume: Further inputs split with the tokens (conditioning vectors, skip tokens).
+    """
+    group = max(1, INFERENCE_TOKENS_PER_GROUP // tokens.shape[1])
+    if tokens.shape[0] <= group or torch.is_grad_enabled():
+        return forward(tokens, *per_sub_volume)
+    parts = zip(*(tensor.split(group) for tensor in (tokens, *per_sub_volume)))
+    return torch.cat([forward(*part) for part in parts])
+
 
 def modulate(hidden: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation `x · (1 + scale) + shift`, broadcast over tokens."""
@@ -42,6 +62,8 @@ class AdaLNModulation(nn.Module):
 class DiTBlock3D(nn.Module):
     """Transformer block with adaLN-Zero conditioning and an optional long skip (`skip_proj` of `[x ‖ skip]`).
 
+    Each batch item is one sub-volume; without autograd they run in groups ([`in_sub_volume_groups`]).
+
     Args:
         dim: Token width.
         heads: Attention heads.
@@ -60,6 +82,11 @@ class DiTBlock3D(nn.Module):
         self.adaln = AdaLNModulation(cond_dim, dim, 6)
 
     def forward(self, tokens: torch.Tensor, condition: torch.Tensor, skip: torch.Tensor | None = None):
+        if skip is None:
+            return in_sub_volume_groups(self._forward, tokens, condition)
+        return in_sub_volume_groups(self._forward, tokens, condition, skip)
+
+    def _forward(self, tokens: torch.Tensor, condition: torch.Tensor, skip: torch.Tensor | None = None):
         if self.skip_proj is not None:
             tokens = self.skip_proj(torch.cat([tokens, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaln(condition)
@@ -78,6 +105,9 @@ class DiTOutputLayer3D(nn.Module):
         self.adaln = AdaLNModulation(cond_dim, dim, 2)
 
     def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return in_sub_volume_groups(self._forward, tokens, condition)
+
+    def _forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaln(condition)
         return self.proj_out(modulate(self.norm(tokens), shift, scale))
 
