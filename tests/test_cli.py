@@ -43,6 +43,25 @@ def test_autoencode_with_saved_model_folder_and_ct_window(tmp_path):
     assert recon.shape == nib.load(EXAMPLE).shape and np.isfinite(recon).all()
 
 
+def test_autoencode_memory_budget_decodes_in_slabs_equal_to_the_full_decode(tmp_path, capsys, monkeypatch):
+    from meddiffusers import VQModel3D
+
+    full, slabs = tmp_path / "full.nii.gz", tmp_path / "slabs.nii.gz"
+    args = ["autoencode", "--vqvae", str(CKPT), "--input", str(EXAMPLE)]
+    assert main([*args, "--output", str(full)]) == 0
+    assert "full decode" in capsys.readouterr().out
+    calls = []
+    slab_decode = VQModel3D.slab_decode
+    monkeypatch.setattr(VQModel3D, "slab_decode", lambda self, *a, **k: calls.append(1) or slab_decode(self, *a, **k))
+    assert main([*args, "--output", str(slabs), "--memory-budget", "0.001"]) == 0
+    assert calls == [1] and "exact slabs decode" in capsys.readouterr().out
+    full, slabs = nib.load(full).get_fdata(), nib.load(slabs).get_fdata()
+    np.testing.assert_allclose(slabs, full, atol=1e-4 * np.abs(full).max())
+    bad = ["--output", str(tmp_path / "x.nii.gz"), "--memory-budget", "0"]
+    assert main([*args, *bad]) == 2 and "--memory-budget must be a positive" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
 def test_errors_are_reported_without_traceback(tmp_path, capsys):
     args = ["autoencode", "--vqvae", str(CKPT), "--input", str(tmp_path / "absent.nii.gz"), "--output", "x.nii.gz"]
     assert main(args) == 2

@@ -245,6 +245,7 @@ def autoencode(args: argparse.Namespace) -> int:
 
     from .io import HUWindow, affine_from_tensor_spacing, load_nifti, save_nifti
     from .models.autoencoders.loading import load_vq_model
+    from .pipelines.pipeline_utils_3d import LARGE_DECODE_LATENT_VOXELS, decode_large_latents_in_slabs
 
     # Every argument is checked, and the input read, before the model is loaded.
     check_device(args.device)
@@ -255,12 +256,16 @@ def autoencode(args: argparse.Namespace) -> int:
             raise ValueError("--output and --latent-output name the same file.")
     if os.path.abspath(args.output) == os.path.abspath(args.input):
         raise ValueError(f"--output {args.output!r} would overwrite the input; choose another file name.")
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise ValueError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}.")
     transform = _intensity_transform(args.intensity)
     _check_source(args.vqvae, "--vqvae")
     volume = load_nifti(args.input)
     vqvae = load_vq_model(args.vqvae, subfolder=args.subfolder).to(args.device).eval()
     if args.tile:
         vqvae.enable_tiling()
+    elif args.memory_budget is not None:
+        vqvae.enable_slab_decoding(memory_budget=args.memory_budget)
     if isinstance(transform, HUWindow):
         scaled, value_range = transform(volume.tensor), None
     else:
@@ -269,12 +274,17 @@ def autoencode(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with torch.no_grad():
         encoded = vqvae.encode(scaled.to(args.device))
-        recon = vqvae.decode(encoded.latents, output_size=encoded.input_size).sample.cpu()
+        recon = decode_large_latents_in_slabs(vqvae, encoded.latents, output_size=encoded.input_size).cpu()
     elapsed = time.perf_counter() - start
     restored = transform.inverse(recon) if value_range is None else transform.inverse(recon, value_range)
     save_nifti(restored, args.output, affine=volume.affine, header=volume.header)
     error = (recon - scaled).abs().mean().item()
-    print(f"latent {tuple(encoded.latents.shape)}; mean |reconstruction - input| in [-1, 1] space: {error:.4f}")
+    large = encoded.latents.shape[2:].numel() > LARGE_DECODE_LATENT_VOXELS
+    mode = "blended tiles" if args.tile else "exact slabs" if large or args.memory_budget else "full"
+    print(
+        f"latent {tuple(encoded.latents.shape)}, {mode} decode; "
+        f"mean |reconstruction - input| in [-1, 1] space: {error:.4f}"
+    )
     print(f"wrote {args.output} ({elapsed:.1f} s)")
     if args.latent_output:
         factor = vqvae.downsample_factor
@@ -480,7 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument(
         "--intensity", default="percentile", help="'percentile' (0.5/99.5, any modality) or 'ct-<window>' (ct-wide)."
     )
-    auto.add_argument("--tile", action="store_true", help="Decode in overlapping tiles (large volumes).")
+    decode = auto.add_mutually_exclusive_group()
+    decode.add_argument(
+        "--tile",
+        action="store_true",
+        help="Decode in overlapping blended tiles: faster on large volumes, approximate. By default latents above "
+        "16³ voxels are decoded exactly slab by slab in bounded memory.",
+    )
+    decode.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="Decode exactly slab by slab with the decoder's activations held to about this many GiB (any size).",
+    )
     auto.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps, where available.")
     auto.set_defaults(handler=autoencode)
 

@@ -25,7 +25,7 @@ from ...operators import LinearOperator
 from ...utils.sliding_window import BLEND_MODES, window_locations
 from ...utils.validation import check_volume_tensor
 from ..meddiff_fm import predict_windowed_noise
-from ..pipeline_utils_3d import VolumePipeline, VolumePipelineOutput
+from ..pipeline_utils_3d import VolumePipeline, VolumePipelineOutput, decode_large_latents_in_slabs
 from ..repaint.anatomy import prepare_anatomy
 from .intensity_map import as_intensity_map
 
@@ -155,7 +155,8 @@ class DiffPIRPipeline(VolumePipeline):
         - a [`PatchUNet3DModel`] (pixel space, MedDiff-FM): pass `region`; volumes larger than the window are
           denoised with overlapping windows ([`predict_windowed_noise`]);
         - a latent denoiser with a `vqvae` (3D MedDiffusion): the state and the prior step are latent; the data
-          step decodes `x̂₀`, runs on the image, and re-encodes it. That costs one decode and one encode of the
+          step decodes `x̂₀` (exactly slab by slab above 16³ latent voxels unless the autoencoder's decode mode is
+          set), runs on the image, and re-encodes it. That costs one decode and one encode of the
           whole volume per step on top of the denoiser (for the demo autoencoder, more than the denoiser itself),
           and the data step is only as exact as the autoencoder's reconstruction.
 
@@ -315,7 +316,7 @@ class DiffPIRPipeline(VolumePipeline):
         image = x0
         if self.vqvae is not None:
             latents = self.vqvae.denormalize_latents(x0.to(self.vqvae.dtype))
-            image = self.vqvae.decode(latents, output_size=volume_size).sample.to(x0.dtype)
+            image = decode_large_latents_in_slabs(self.vqvae, latents, output_size=volume_size).to(x0.dtype)
         data = image if intensity_map is None else intensity_map.to_data(image)
         if method == "first_order":
             data = operator.gradient_step(data, measurement, rho)
@@ -524,7 +525,7 @@ class DiffPIRPipeline(VolumePipeline):
         if output_type != "latent":
             if self.vqvae is not None:
                 denormalized = self.vqvae.denormalize_latents(latents.to(self.vqvae.dtype))
-                volumes = self.vqvae.decode(denormalized, output_size=volume_shape[2:]).sample
+                volumes = decode_large_latents_in_slabs(self.vqvae, denormalized, output_size=volume_shape[2:])
             volumes = volumes.float().clamp(-1, 1).cpu()
             if output_type == "nifti" and intensity_map is not None:
                 volumes = intensity_map.to_data(volumes)

@@ -11,7 +11,12 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from ...io.nifti import affine_from_tensor_spacing
 from ...io.regions import Region, RegionRegistry, meddiffusion_regions
 from ...models import VQModel3D
-from ..pipeline_utils_3d import VolumePipeline, decode_normalized_latents, scale_model_input
+from ..pipeline_utils_3d import (
+    LARGE_DECODE_LATENT_VOXELS,
+    VolumePipeline,
+    decode_normalized_latents,
+    scale_model_input,
+)
 from .pipeline_output import MedDiffusionPipelineOutput
 
 
@@ -47,7 +52,7 @@ class MedDiffusionPipeline(VolumePipeline):
         unet,
         scheduler,
         regions: list[dict] | None = None,
-        tiled_decode_threshold: int = 16**3,
+        tiled_decode_threshold: int = LARGE_DECODE_LATENT_VOXELS,
     ):
         super().__init__()
         self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)

@@ -10,7 +10,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from ...io.nifti import NiftiVolume
 from ...models import ControlNet3DModel, VQModel3D
-from ..pipeline_utils_3d import scale_model_input
+from ..pipeline_utils_3d import LARGE_DECODE_LATENT_VOXELS, scale_model_input
 from .pipeline_meddiffusion import MedDiffusionPipeline
 from .pipeline_output import MedDiffusionPipelineOutput
 
@@ -39,7 +39,7 @@ class MedDiffusionControlNetPipeline(MedDiffusionPipeline):
         controlnet: ControlNet3DModel,
         scheduler,
         regions: list[dict] | None = None,
-        tiled_decode_threshold: int = 16**3,
+        tiled_decode_threshold: int = LARGE_DECODE_LATENT_VOXELS,
     ):
         super().__init__(vqvae, unet, scheduler, regions, tiled_decode_threshold)
         self.register_modules(controlnet=controlnet)

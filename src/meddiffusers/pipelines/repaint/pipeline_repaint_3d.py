@@ -29,6 +29,7 @@ from ...utils.sliding_window import BLEND_MODES, window_locations
 from ...utils.validation import as_triple, check_volume_tensor
 from ..meddiff_fm.pipeline_patch_sliding_window import predict_windowed_noise
 from ..pipeline_utils_3d import (
+    LARGE_DECODE_LATENT_VOXELS,
     VolumePipeline,
     VolumePipelineOutput,
     decode_normalized_latents,
@@ -92,7 +93,7 @@ class RePaint3DPipeline(VolumePipeline):
         vqvae: VQModel3D | None = None,
         regions: list[dict] | None = None,
         window_size: int | Sequence[int] = 128,
-        tiled_decode_threshold: int = 16**3,
+        tiled_decode_threshold: int = LARGE_DECODE_LATENT_VOXELS,
     ):
         super().__init__()
         if not isinstance(scheduler, DDPMScheduler):
