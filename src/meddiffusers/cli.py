@@ -245,7 +245,7 @@ def autoencode(args: argparse.Namespace) -> int:
 
     from .io import HUWindow, affine_from_tensor_spacing, load_nifti, save_nifti
     from .models.autoencoders.loading import load_vq_model
-    from .pipelines.pipeline_utils_3d import LARGE_DECODE_LATENT_VOXELS, decode_large_latents_in_slabs
+    from .pipelines.pipeline_utils_3d import decode_large_latents_in_slabs, planned_decode
 
     # Every argument is checked, and the input read, before the model is loaded.
     check_device(args.device)
@@ -279,10 +279,8 @@ def autoencode(args: argparse.Namespace) -> int:
     restored = transform.inverse(recon) if value_range is None else transform.inverse(recon, value_range)
     save_nifti(restored, args.output, affine=volume.affine, header=volume.header)
     error = (recon - scaled).abs().mean().item()
-    large = encoded.latents.shape[2:].numel() > LARGE_DECODE_LATENT_VOXELS
-    mode = "blended tiles" if args.tile else "exact slabs" if large or args.memory_budget else "full"
     print(
-        f"latent {tuple(encoded.latents.shape)}, {mode} decode; "
+        f"latent {tuple(encoded.latents.shape)}, {planned_decode(vqvae, encoded.latents)} decode; "
         f"mean |reconstruction - input| in [-1, 1] space: {error:.4f}"
     )
     print(f"wrote {args.output} ({elapsed:.1f} s)")

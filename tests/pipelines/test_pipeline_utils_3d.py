@@ -6,7 +6,11 @@ import torch
 
 from meddiffusers import DiffPIRPipeline, PatchSlidingWindowPipeline, VQModel3D
 from meddiffusers.demo import patch_demo_model_path
-from meddiffusers.pipelines.pipeline_utils_3d import LARGE_DECODE_LATENT_VOXELS, decode_large_latents_in_slabs
+from meddiffusers.pipelines.pipeline_utils_3d import (
+    LARGE_DECODE_LATENT_VOXELS,
+    decode_large_latents_in_slabs,
+    planned_decode,
+)
 from tests.conftest import FIXTURES
 
 
@@ -37,6 +41,7 @@ def test_latents_above_the_default_threshold_are_decoded_in_slabs_equal_to_the_f
     channels = vqvae.config.latent_channels
     latents = torch.rand(1, channels, 17, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
     assert latents.shape[2:].numel() > LARGE_DECODE_LATENT_VOXELS
+    assert planned_decode(vqvae, latents) == "exact slabs" and planned_decode(vqvae, latents[:, :, :16]) == "full"
     with torch.no_grad():
         full = vqvae.decode(latents, output_size=(66, 64, 61)).sample
         assert calls == []
@@ -44,3 +49,5 @@ def test_latents_above_the_default_threshold_are_decoded_in_slabs_equal_to_the_f
     assert calls == [1] and not vqvae.use_slab_decoding
     assert slabs.shape == full.shape == (1, 1, 66, 64, 61)
     torch.testing.assert_close(slabs, full, atol=1e-5, rtol=0)
+    vqvae.enable_tiling()
+    assert planned_decode(vqvae, latents) == "blended tiles"

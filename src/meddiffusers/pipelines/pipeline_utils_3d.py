@@ -92,6 +92,15 @@ class VolumePipelineOutput(BaseOutput):
 LARGE_DECODE_LATENT_VOXELS = 16**3
 
 
+def planned_decode(vqvae, latents: torch.Tensor, large_decode_threshold: int = LARGE_DECODE_LATENT_VOXELS) -> str:
+    """The decode [`decode_large_latents_in_slabs`] runs: `"blended tiles"`, `"exact slabs"` or `"full"`."""
+    if vqvae.use_tiling:
+        return "blended tiles"
+    if vqvae.use_slab_decoding or latents.shape[2:].numel() > large_decode_threshold:
+        return "exact slabs"
+    return "full"
+
+
 def decode_large_latents_in_slabs(
     vqvae, latents: torch.Tensor, large_decode_threshold: int = LARGE_DECODE_LATENT_VOXELS, output_size=None
 ) -> torch.Tensor:
@@ -101,8 +110,7 @@ def decode_large_latents_in_slabs(
     settings ([`~VQModel3D.enable_slab_decoding`]); smaller ones in full. A decode mode chosen on the autoencoder
     (blended tiles or slab decoding enabled) is used as it is.
     """
-    large = latents.shape[2:].numel() > large_decode_threshold
-    if vqvae.use_tiling or vqvae.use_slab_decoding or not large:
+    if vqvae.use_slab_decoding or planned_decode(vqvae, latents, large_decode_threshold) != "exact slabs":
         return vqvae.decode(latents, output_size=output_size).sample
     vqvae.enable_slab_decoding(vqvae.slab_latent_size, vqvae.slab_memory_budget, vqvae.slab_axis)
     try:
@@ -112,7 +120,7 @@ def decode_large_latents_in_slabs(
 
 
 def decode_normalized_latents(
-    vqvae, latents: torch.Tensor, large_decode_threshold: int, output_size=None
+    vqvae, latents: torch.Tensor, large_decode_threshold: int = LARGE_DECODE_LATENT_VOXELS, output_size=None
 ) -> torch.Tensor:
     """Normalised diffusion latents → volumes with a [`VQModel3D`]: denormalise, quantise, decode (exactly slab by
     slab above `large_decode_threshold` latent voxels, see [`decode_large_latents_in_slabs`])."""

@@ -25,7 +25,7 @@ from ...operators import LinearOperator
 from ...utils.sliding_window import BLEND_MODES, window_locations
 from ...utils.validation import check_volume_tensor
 from ..meddiff_fm import predict_windowed_noise
-from ..pipeline_utils_3d import VolumePipeline, VolumePipelineOutput, decode_large_latents_in_slabs
+from ..pipeline_utils_3d import VolumePipeline, VolumePipelineOutput, decode_normalized_latents
 from ..repaint.anatomy import prepare_anatomy
 from .intensity_map import as_intensity_map
 
@@ -315,8 +315,7 @@ class DiffPIRPipeline(VolumePipeline):
         with a `vqvae`, on the decoded `x̂₀`, re-encoded."""
         image = x0
         if self.vqvae is not None:
-            latents = self.vqvae.denormalize_latents(x0.to(self.vqvae.dtype))
-            image = decode_large_latents_in_slabs(self.vqvae, latents, output_size=volume_size).to(x0.dtype)
+            image = decode_normalized_latents(self.vqvae, x0, output_size=volume_size).to(x0.dtype)
         data = image if intensity_map is None else intensity_map.to_data(image)
         if method == "first_order":
             data = operator.gradient_step(data, measurement, rho)
@@ -524,8 +523,7 @@ class DiffPIRPipeline(VolumePipeline):
         volumes = latents
         if output_type != "latent":
             if self.vqvae is not None:
-                denormalized = self.vqvae.denormalize_latents(latents.to(self.vqvae.dtype))
-                volumes = decode_large_latents_in_slabs(self.vqvae, denormalized, output_size=volume_shape[2:])
+                volumes = decode_normalized_latents(self.vqvae, latents, output_size=volume_shape[2:])
             volumes = volumes.float().clamp(-1, 1).cpu()
             if output_type == "nifti" and intensity_map is not None:
                 volumes = intensity_map.to_data(volumes)
